@@ -172,7 +172,7 @@ def prepare(city: City, cfg: PrepareConfig, role: Role) -> Prepared:
     ts = pd.date_range(c.start, periods=t, freq=pd.Timedelta(seconds=cfg.step_s))
     secs = ts.hour.to_numpy() * 3600 + ts.minute.to_numpy() * 60 + ts.second.to_numpy()
     tod = (secs // cfg.step_s).astype(np.int64)
-    dow = ts.dayofweek.to_numpy().astype(np.int64)
+    dow = ts.day_of_week.to_numpy().astype(np.int64)
     n = c.num_nodes
     rng = np.random.default_rng(cfg.split_seed)
     n_un = int(round(cfg.unobserved_frac * n))
