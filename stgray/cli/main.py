@@ -37,7 +37,7 @@ def _register_optional() -> None:
             raise
         app.add_typer(m.app, name=name)
     try:
-        from stgray.cli import run as run_cmd
+        run_cmd = importlib.import_module("stgray.cli.run")
     except ModuleNotFoundError as e:
         if e.name != "stgray.cli.run":
             raise

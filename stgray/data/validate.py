@@ -78,7 +78,7 @@ def validate_timestamps(ts, where: str) -> int:
     """Check timestamps are strictly increasing and regular; return the step in seconds."""
     import pandas as pd
 
-    idx = pd.DatetimeIndex(ts)
+    idx = pd.DatetimeIndex(ts).as_unit("ns")  # asi8 below is in the index unit (pandas 3: often us)
     if len(idx) < 2:
         raise DataError("fewer than 2 timestamps", where=where, field="timestamp")
     d = np.diff(idx.asi8)
