@@ -1,0 +1,1 @@
+"""GPDiff networks: per-node forecasting models (``pernode``) and the denoiser (``denoiser``)."""
