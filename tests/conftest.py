@@ -75,8 +75,11 @@ def store(request, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole suite (3 logical CPUs: see ray-notes on deadlocks)."""
+def ray_session(s3_server):
+    """One local Ray for the whole suite (3 logical CPUs: see ray-notes on deadlocks).
+
+    Started after the S3 server so that Ray's processes inherit its endpoint and keys
+    from the environment, as nodes of a real cluster get theirs."""
     import ray
 
     if not ray.is_initialized():

@@ -1,0 +1,94 @@
+"""Pieces every engine uses: devices, safe tensor (de)serialisation, Ray Train run configs."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+
+from stgray.errors import IntegrityError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; otherwise the named device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def amp_enabled(device: torch.device, requested: bool = True) -> bool:
+    """Mixed precision only on GPU."""
+    return bool(requested) and device.type == "cuda"
+
+
+def tensors_to_bytes(tensors: dict[str, Any]) -> bytes:
+    """Serialise a (nested) dict of tensors/numbers/strings with torch.save (no code objects)."""
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def tensors_from_bytes(data: bytes, where: str = "object") -> dict[str, Any]:
+    """Inverse of ``tensors_to_bytes``; never unpickles arbitrary objects (weights_only)."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or not a tensor file
+        raise IntegrityError(f"cannot load tensors ({type(e).__name__})", where=where) from None
+
+
+def ray_storage(store, run_name: str):
+    """``(storage_path, storage_filesystem)`` for a Ray Train/Tune ``RunConfig`` whose
+    checkpoints live inside the store (S3 on a cluster: shared by every node)."""
+    fs, root = store.arrow_fs()
+    path = f"{root}/_ray"
+    if store.location.protocol == "file":
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    return path, fs
+
+
+def run_config(store, run_name: str, max_failures: int = 0, keep: int = 2):
+    """A Ray Train ``RunConfig`` checkpointing into the store. The same ``run_name`` (derived
+    from an artifact key) resumes an interrupted run (see ray-notes)."""
+    import ray.train
+
+    path, fs = ray_storage(store, run_name)
+    return ray.train.RunConfig(
+        name=run_name, storage_path=path, storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+    )
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS) or start a local Ray if none is running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, log_to_driver=True)
+    else:
+        ncpu = num_cpus or max(3, os.cpu_count() or 1)  # > cores: avoids the 2-CPU Tune/Train deadlock
+        ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True,
+                 _temp_dir=os.environ.get("STGRAY_RAY_TMP", "/tmp/ray"))
+
+
+def scaling(num_workers: int, use_gpu: str | bool = "auto"):
+    import ray.train
+
+    gpu = bool(use_gpu) if use_gpu != "auto" else _cluster_has_gpu()
+    return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu)
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    try:
+        return ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        return torch.cuda.is_available()

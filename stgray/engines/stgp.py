@@ -1,0 +1,517 @@
+"""STGP engines: masked-reconstruction pre-training on Ray Train, then domain prompting and
+task prompting (forecast, kriging, extrapolation) on the target with frozen weights.
+
+Stages (each idempotent, store artifacts in -> store artifact out):
+    stgp-pretrain  <- prepared source cities        (Ray Train, data-parallel, resumable)
+    stgp-domain    <- stgp-pretrain + prepared target (domain banks only)
+    stgp-task      <- stgp-pretrain [+ stgp-domain] + prepared target, per task
+                      (task banks only; "finetune" variant: all weights but prompts)
+
+Target-side rules: the target's unobserved nodes (kriging split) are never shown to any
+stage; kriging/extrapolation train and validate on *pseudo*-unobserved observed nodes and
+meet the real unobserved nodes only in the one test evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from stgray.config import StageConfig
+from stgray.data.prepare import Prepared, load_prepared
+from stgray.engines.common import (amp_enabled, resolve_device, run_config, scaling,
+                                   tensors_from_bytes, tensors_to_bytes)
+from stgray.eval.metrics import forecast_metrics
+from stgray.nn.stgp.model import STGPModel, STGPModelConfig, count_parameters, masked_mae
+from stgray.nn.stgp.template import PatchTemplate, node_mask
+
+PRETRAIN_KIND, DOMAIN_KIND, TASK_KIND = "stgp-pretrain", "stgp-domain", "stgp-task"
+Variant = Literal["prompt", "finetune"]
+TaskName = Literal["forecast", "kriging", "extrapolation"]
+
+
+def hourly_model(**kw) -> STGPModelConfig:
+    """Model sizes for hourly data and 12-in/6-out windows (3 patches of 6 steps)."""
+    base = dict(patch_len=6, num_patches=3, steps_per_day=24, d_model=64, num_heads=4, ffn_dim=128,
+                temporal_depth=2, spatial_depth=2, decoder_channels=32, skip_channels=64,
+                head_hidden=64, domain_prompts=25, task_prompts=25, dropout=0.1)
+    base.update(kw)
+    return STGPModelConfig(**base)
+
+
+class STGPPretrainConfig(StageConfig):
+    """Pre-training on source cities. Windows of t_in + t_out steps in patches of the model's
+    patch_len; 50% patches and 50% nodes masked at random."""
+
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"num_workers", "use_gpu", "max_failures"})
+
+    model: STGPModelConfig = Field(default_factory=hourly_model)
+    t_in: int = Field(12, gt=0)
+    t_out: int = Field(6, gt=0)
+    epochs: int = Field(4, gt=0)
+    steps_per_epoch: int = Field(40, gt=0, description="optimizer steps per epoch (per worker)")
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    mask_patch: float = Field(0.5, ge=0, le=1)
+    mask_node: float = Field(0.5, ge=0, le=1)
+    val_windows: int = Field(32, gt=0, description="fixed validation windows per source city")
+    seed: int = 0
+    num_workers: int = Field(2, gt=0)
+    use_gpu: str | bool = "auto"
+    max_failures: int = Field(2, ge=0)
+
+
+class STGPPromptConfig(StageConfig):
+    """Domain and task prompting (and the full fine-tuning comparison) on the target."""
+
+    domain_epochs: int = Field(10, gt=0)
+    task_epochs: int = Field(20, gt=0)
+    finetune_epochs: int = Field(20, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(5e-3, gt=0, description="prompt learning rate")
+    finetune_lr: float = Field(3e-4, gt=0)
+    pseudo_unobserved: float = Field(0.3, gt=0, lt=1, description="share of observed nodes hidden "
+                                     "per window to train/validate kriging and extrapolation")
+    pseudo_draws: int = Field(3, gt=0, description="fixed pseudo-unobserved draws per window")
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"device", "amp"})
+
+
+# --- pre-training ----------------------------------------------------------------------
+
+def _template(t_in: int, t_out: int, m: STGPModelConfig) -> PatchTemplate:
+    return PatchTemplate.for_forecast(t_in, t_out, m.patch_len)
+
+
+def _pretrain_loop(c: dict[str, Any]) -> None:
+    """Ray Train per-worker loop: DDP over ranks, each rank samples its own windows."""
+    import ray.train
+    import ray.train.torch
+
+    from stgray.store import ArtifactStore
+
+    cfg = STGPPretrainConfig.model_validate(c["cfg"])
+    store = ArtifactStore(c["store"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cities = [load_prepared(store, i) for i in c["prepared"]]
+    tmpl = _template(cfg.t_in, cfg.t_out, cfg.model)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    core = STGPModel(cfg.model).to(device)
+    core.set_stage("pretrain")
+    graphs = [core.graph(p.adj) for p in cities]
+    opt = torch.optim.AdamW(core.parameters_for("pretrain"), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, best_val, best_state, history = 0, math.inf, None, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        core.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start_epoch, best_val, best_state, history = st["epoch"] + 1, st["best_val"], st["best_state"], st["history"]
+    model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else core
+    train_starts = [tmpl.window_starts(p, "train", "pretrain") for p in cities]
+    val_sets = []
+    g = torch.Generator().manual_seed(12345)
+    for p in cities:
+        s = tmpl.window_starts(p, "val", "pretrain")
+        s = s[np.linspace(0, len(s) - 1, min(cfg.val_windows, len(s))).astype(int)] if len(s) else s
+        val_sets.append((s, tmpl.pretrain_mask(len(s), p.num_nodes, cfg.mask_patch, cfg.mask_node, g)))
+    fault = c.get("fault") or {}
+    for epoch in range(start_epoch, cfg.epochs):
+        if fault.get("epoch") == epoch and rank == fault.get("rank", 0):
+            _inject_fault(fault)
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+        model.train()
+        t0, n_win, tot = time.perf_counter(), 0, 0.0
+        for step in range(cfg.steps_per_epoch):
+            ci = (step * world + rank) % len(cities)
+            p, starts = cities[ci], rng.choice(train_starts[ci], cfg.batch_size)
+            b = tmpl.batch(p, starts, device)
+            mask = tmpl.pretrain_mask(len(starts), p.num_nodes, cfg.mask_patch, cfg.mask_node, gen).to(device)
+            loss = masked_mae(model(b.x, b.tod, b.dow, graphs[ci], mask), b.x, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach())
+            n_win += len(starts)
+        train_s = time.perf_counter() - t0
+        val = _pretrain_val(core, tmpl, cities, graphs, val_sets, device)
+        improved = val < best_val
+        if improved:
+            best_val = val
+            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        rec = {"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_loss": val,
+               "resumed": bool(ckpt),
+               "windows_per_s": n_win * world / train_s, "train_seconds": train_s}
+        history.append(rec)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": core.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                            "best_val": best_val, "best_state": best_state, "history": history},
+                           Path(d) / "state.pt")
+                ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(rec)
+
+
+def _inject_fault(fault: dict) -> None:
+    """Test hook: die like a preempted worker (SIGKILL) or fail with an exception, once
+    per ``fault["once_file"]`` (created when it fires)."""
+    import os
+    import signal
+
+    marker = Path(fault["once_file"])
+    if marker.exists():
+        return
+    marker.touch()
+    time.sleep(fault.get("delay_s", 2.0))  # the previous report reaches the controller first
+    if fault.get("mode", "kill") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("injected fault")
+
+
+@torch.no_grad()
+def _pretrain_val(core, tmpl, cities, graphs, val_sets, device) -> float:
+    core.eval()
+    losses = []
+    for p, gr, (starts, mask) in zip(cities, graphs, val_sets):
+        for i in range(0, len(starts), 16):
+            b = tmpl.batch(p, starts[i:i + 16], device)
+            m = mask[i:i + 16].to(device)
+            losses.append(float(masked_mae(core(b.x, b.tod, b.dow, gr, m), b.x, m)))
+    core.train()
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def run_stgp_pretrain(store, cfg: STGPPretrainConfig, prepared_ids: list[str],
+                      fault: dict | None = None) -> tuple[str, bool]:
+    """Pre-train on the source cities with Ray Train; artifact = best-on-validation weights.
+
+    ``fault`` (tests only): ``{"epoch": e, "mode": "kill"|"raise"}`` kills rank 0 at the
+    start of epoch e on the first attempt; the run must resume from its last checkpoint."""
+    from ray.train.torch import TorchTrainer
+
+    aid = store.id_for(PRETRAIN_KIND, cfg.hashed_dict(), prepared_ids)
+    if store.exists(aid):
+        return aid, True
+    trainer = TorchTrainer(
+        _pretrain_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "store": store.url, "prepared": prepared_ids,
+                           "fault": fault},
+        scaling_config=scaling(cfg.num_workers, cfg.use_gpu),
+        run_config=run_config(store, f"stgp-pretrain-{aid.split('/')[1]}", cfg.max_failures),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pre-training produced no checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as d:
+        st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    history = st["history"]
+    best = min(history, key=lambda r: r["val_loss"])
+    n_params = count_parameters(STGPModel(cfg.model))
+    with store.writer(PRETRAIN_KIND, cfg.hashed_dict(), prepared_ids, label="stgp pre-train",
+                      meta={"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                            "params": n_params, "workers": cfg.num_workers}) as w:
+        w.put_bytes("model.pt", tensors_to_bytes(st["best_state"]))
+        w.put_json("history.json", history)
+        w.put_json("model_config.json", cfg.model.model_dump(mode="json"))
+    return aid, False
+
+
+def load_pretrained(store, pretrain_id: str) -> STGPModel:
+    m = store.manifest(pretrain_id)
+    mcfg = STGPModelConfig.model_validate(store.read_json(pretrain_id, "model_config.json", m))
+    model = STGPModel(mcfg)
+    state = tensors_from_bytes(store.read_bytes(pretrain_id, "model.pt", m), f"{pretrain_id}/model.pt")
+    model.load_state_dict(state)
+    return model
+
+
+# --- target side -----------------------------------------------------------------------
+
+class _Target:
+    """The target city on a device, with its template and hidden (unobserved) nodes."""
+
+    def __init__(self, p: Prepared, model: STGPModel, tmpl: PatchTemplate, device):
+        self.p, self.tmpl, self.device = p, tmpl, device
+        self.graph = model.graph(p.adj)
+        self.hidden = torch.as_tensor(node_mask(p.unobserved, 1, p.num_nodes)[0], device=device)  # (N,)
+
+    def batch(self, starts):
+        b = self.tmpl.batch(self.p, starts, self.device)
+        # unobserved nodes' values are unknown to every stage but the final test
+        x_known = b.x.masked_fill(self.hidden[None, :, None], float("nan"))
+        return b, x_known
+
+
+def _loader(n: int, batch: int, rng: np.random.Generator):
+    idx = rng.permutation(n)
+    return [idx[i:i + batch] for i in range(0, n, batch)]
+
+
+def run_stgp_domain(store, cfg: STGPPromptConfig, pretrain_id: str, target_id: str) -> tuple[str, bool]:
+    """Train the two domain prompt banks on the target's train days with the pre-training
+    objective (all other weights frozen); select the epoch on the validation days."""
+    aid = store.id_for(DOMAIN_KIND, cfg.hashed_dict(), [pretrain_id, target_id])
+    if store.exists(aid):
+        return aid, True
+    pre_m = store.manifest(pretrain_id)
+    pcfg = STGPPretrainConfig.model_validate(pre_m.config)
+    device = resolve_device(cfg.device)
+    model = load_pretrained(store, pretrain_id).to(device)
+    model.set_stage("domain")
+    p = load_prepared(store, target_id)
+    tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
+    tgt = _Target(p, model, tmpl, device)
+    tr, va = tmpl.window_starts(p, "train", "pretrain"), tmpl.window_starts(p, "val", "pretrain")
+    g = torch.Generator().manual_seed(cfg.seed)
+    va_mask = tmpl.pretrain_mask(len(va), p.num_nodes, pcfg.mask_patch, pcfg.mask_node, g).to(device)
+    params = model.parameters_for("domain")
+    frozen_before = frozen_fingerprint(model, "domain")
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    best, best_state, hist = math.inf, None, []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.domain_epochs):
+        model.train()
+        for idx in _loader(len(tr), cfg.batch_size, rng):
+            b, xk = tgt.batch(tr[idx])
+            m = tmpl.pretrain_mask(len(idx), p.num_nodes, pcfg.mask_patch, pcfg.mask_node, g).to(device)
+            m = m | tgt.hidden[None, :, None]
+            loss = masked_mae(model(xk, b.tod, b.dow, tgt.graph, m), xk, m)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val = _recon_loss(model, tgt, va, va_mask)
+        hist.append({"epoch": epoch, "val_loss": val})
+        if val < best:
+            best, best_state = val, _bank_state(model, "domain")
+    secs = time.perf_counter() - t0
+    _check_frozen(model, "domain", frozen_before)
+    with store.writer(DOMAIN_KIND, cfg.hashed_dict(), [pretrain_id, target_id], label=f"{p.name} domain prompts",
+                      meta={"best_val_loss": best, "seconds": secs, "frozen_fingerprint": frozen_before,
+                            "trainable_params": sum(q.numel() for q in params)}) as w:
+        w.put_bytes("prompts.pt", tensors_to_bytes(best_state))
+        w.put_json("history.json", hist)
+    return aid, False
+
+
+@torch.no_grad()
+def _recon_loss(model, tgt: _Target, starts, masks) -> float:
+    model.eval()
+    out = []
+    for i in range(0, len(starts), 16):
+        b, xk = tgt.batch(starts[i:i + 16])
+        m = masks[i:i + 16] | tgt.hidden[None, :, None]
+        out.append(float(masked_mae(model(xk, b.tod, b.dow, tgt.graph, m), xk, m)))
+    return float(np.mean(out)) if out else math.nan
+
+
+def frozen_fingerprint(model: STGPModel, stage: str) -> str:
+    """SHA-256 over every parameter ``stage`` does not train (bit-level)."""
+    import hashlib
+
+    train = {id(p) for p in model.parameters_for(stage)}
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        if id(p) not in train:
+            h.update(n.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_frozen(model: STGPModel, stage: str, before: str) -> None:
+    if frozen_fingerprint(model, stage) != before:
+        raise RuntimeError(f"frozen weights changed during the '{stage}' stage")
+
+
+def _bank_state(model: STGPModel, stage: str) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters_for(stage)}
+
+
+def _load_bank_state(model: STGPModel, state: dict[str, torch.Tensor]) -> None:
+    missing = model.load_state_dict(state, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"unexpected prompt keys {missing.unexpected_keys}")
+
+
+def _task_windows(tmpl, p, task: str, split: str):
+    return tmpl.window_starts(p, split, task)
+
+
+def _masks_for(tmpl, task: str, n: int, num_nodes: int, hidden: torch.Tensor, pseudo: torch.Tensor | None):
+    """(mask, score) for windows during training/validation on the target.
+
+    pseudo: (n, N) bool pseudo-unobserved observed nodes (kriging/extrapolation)."""
+    if task == "forecast":
+        m = tmpl.forecast_mask(n, num_nodes, hidden.device)
+        return m | hidden[None, :, None], m & ~hidden[None, :, None]
+    nodes = pseudo | hidden[None]
+    m, _ = tmpl.task_masks(task, n, num_nodes, unobserved=nodes, device=hidden.device)
+    _, score = tmpl.task_masks(task, n, num_nodes, unobserved=pseudo, device=hidden.device)
+    return m, score & m & ~hidden[None, :, None]
+
+
+def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str | None, target_id: str,
+                  task: TaskName, variant: Variant = "prompt") -> tuple[str, bool]:
+    """Train task prompts (or fine-tune everything, ``variant='finetune'``) for ``task``;
+    select the epoch on validation; evaluate once on test. Artifact holds the trained
+    parameters, the validation history and the test metrics."""
+    inputs = [pretrain_id, target_id] + ([domain_id] if domain_id else [])
+    config = {"prompt": cfg.hashed_dict(), "task": task, "variant": variant}
+    aid = store.id_for(TASK_KIND, config, inputs)
+    if store.exists(aid):
+        return aid, True
+    pcfg = STGPPretrainConfig.model_validate(store.manifest(pretrain_id).config)
+    device = resolve_device(cfg.device)
+    model = load_pretrained(store, pretrain_id).to(device)
+    if domain_id:
+        _load_bank_state(model, tensors_from_bytes(store.read_bytes(domain_id, "prompts.pt"), domain_id))
+    stage = "finetune" if variant == "finetune" else ("task_extrapolation" if task == "extrapolation" else "task")
+    model.set_stage(stage)
+    params = model.parameters_for(stage)
+    frozen_before = frozen_fingerprint(model, stage)
+    p = load_prepared(store, target_id)
+    tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
+    tgt = _Target(p, model, tmpl, device)
+    N = p.num_nodes
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    def draws(starts: np.ndarray, k: int):
+        """k fixed (mask, score) draws per window: pseudo-unobserved observed nodes."""
+        if task == "forecast":
+            m, s = _masks_for(tmpl, task, len(starts), N, tgt.hidden, None)
+            return [(starts, m, s)]
+        obs = np.flatnonzero(~tgt.hidden.cpu().numpy())
+        n_ps = max(1, int(round(cfg.pseudo_unobserved * len(obs))))
+        out = []
+        for _ in range(k):
+            pseudo = torch.zeros(len(starts), N, dtype=torch.bool)
+            for i in range(len(starts)):
+                pseudo[i, rng.choice(obs, n_ps, replace=False)] = True
+            m, s = _masks_for(tmpl, task, len(starts), N, tgt.hidden, pseudo.to(device))
+            out.append((starts, m, s))
+        return out
+
+    train_sets = draws(_task_windows(tmpl, p, task, "train"), cfg.pseudo_draws)
+    val_sets = draws(_task_windows(tmpl, p, task, "val"), 1)
+    cache = variant == "prompt"
+    enc_cache: dict[int, torch.Tensor] = {}
+    if cache:  # nothing upstream of the task prompts trains: encode once
+        model.eval()
+        with torch.no_grad():
+            for j, (st, m, _) in enumerate(train_sets + val_sets):
+                enc_cache[j] = torch.cat([_encode(model, tgt, st[i:i + 32], m[i:i + 32])
+                                          for i in range(0, len(st), 32)])
+    lr = cfg.finetune_lr if variant == "finetune" else cfg.lr
+    epochs = cfg.finetune_epochs if variant == "finetune" else cfg.task_epochs
+    opt = torch.optim.Adam(params, lr=lr)
+    use_amp = amp_enabled(device, cfg.amp)
+    best, best_state, hist = math.inf, None, []
+    t0 = time.perf_counter()
+    n_sets = len(train_sets)
+    for epoch in range(epochs):
+        model.train()
+        for j, (st, m, s) in enumerate(train_sets):
+            for idx in _loader(len(st), cfg.batch_size, rng):
+                b, xk = tgt.batch(st[idx])
+                ii = torch.as_tensor(idx, device=device)
+                with torch.autocast(device.type, enabled=use_amp):
+                    if cache:
+                        recon = model.decode(enc_cache[j][ii], m[ii], tgt.graph)
+                    else:
+                        recon = model(xk, b.tod, b.dow, tgt.graph, m[ii])
+                    loss = masked_mae(recon.float(), xk, s[ii])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        val = _evaluate(model, tgt, task, val_sets, enc_cache if cache else None, n_sets)["mae"]
+        hist.append({"epoch": epoch, "val_mae": val})
+        if val < best:
+            best = val
+            best_state = {n: q.detach().cpu().clone() for n, q in model.named_parameters_for(stage)}
+    secs = time.perf_counter() - t0
+    _check_frozen(model, stage, frozen_before)
+    model.load_state_dict(best_state, strict=False)
+    # the one test evaluation: real unobserved nodes, test period
+    te = _task_windows(tmpl, p, task, "test")
+    test_metrics = _test(model, tgt, task, te)
+    meta = {"task": task, "variant": variant, "domain": bool(domain_id), "val_mae": best,
+            "best_epoch": int(np.argmin([h["val_mae"] for h in hist])), "train_seconds": secs,
+            "trainable_params": sum(q.numel() for q in params), "total_params": count_parameters(model),
+            "frozen_fingerprint": frozen_before,
+            "test": {k: v for k, v in test_metrics.items() if k != "horizon"}}
+    with store.writer(TASK_KIND, config, inputs, label=f"{p.name} {task} {variant}", meta=meta) as w:
+        w.put_bytes("params.pt", tensors_to_bytes(best_state))
+        w.put_json("history.json", hist)
+        w.put_json("metrics.json", test_metrics)
+    return aid, False
+
+
+def _encode(model, tgt: _Target, starts, mask):
+    b, xk = tgt.batch(starts)
+    return model.encode(xk, b.tod, b.dow, tgt.graph, mask)
+
+
+@torch.no_grad()
+def _evaluate(model, tgt: _Target, task: str, sets, enc_cache, offset: int) -> dict:
+    """Validation MAE (data units) over fixed (starts, mask, score) sets."""
+    model.eval()
+    preds, trues, scores = [], [], []
+    for j, (st, m, s) in enumerate(sets):
+        for i in range(0, len(st), 32):
+            b, xk = tgt.batch(st[i:i + 32])
+            mm = m[i:i + 32]
+            recon = model.decode(enc_cache[offset + j][i:i + 32], mm, tgt.graph) if enc_cache is not None \
+                else model(xk, b.tod, b.dow, tgt.graph, mm)
+            sm = tgt.tmpl.steps_mask(s[i:i + 32])
+            preds.append(tgt.p.denormalise(recon[sm].cpu().numpy()))
+            trues.append(tgt.p.denormalise(b.x[sm].cpu().numpy()))
+    pred, true = np.concatenate(preds), np.concatenate(trues)
+    return forecast_metrics(pred[None, None], true[None, None], per_horizon=False)
+
+
+@torch.no_grad()
+def _test(model, tgt: _Target, task: str, starts: np.ndarray) -> dict:
+    """Test metrics with the real task masks (unobserved nodes are the real held-out ones)."""
+    model.eval()
+    p, tmpl = tgt.p, tgt.tmpl
+    n_nodes = p.num_nodes
+    preds, trues = [], []
+    for i in range(0, len(starts), 32):
+        st = starts[i:i + 32]
+        b = tmpl.batch(p, st, tgt.device)
+        if task == "forecast":
+            m = tmpl.forecast_mask(len(st), n_nodes, tgt.device)
+        elif task == "kriging":
+            m = tmpl.kriging_mask(len(st), n_nodes, p.unobserved, tgt.device)
+        else:
+            m = tmpl.extrapolation_mask(len(st), n_nodes, p.unobserved, tgt.device)
+        xin = b.x.masked_fill(tmpl.steps_mask(m), float("nan"))  # masked values never reach the model
+        recon = model(xin, b.tod, b.dow, tgt.graph, m)
+        preds.append(p.denormalise(recon.cpu().numpy()))
+        trues.append(p.denormalise(b.x.cpu().numpy()))
+    pred, true = np.concatenate(preds), np.concatenate(trues)  # (B, N, T)
+    H = tmpl.horizon_steps
+    if task == "forecast":
+        return forecast_metrics(pred[:, :, -H:].transpose(0, 2, 1), true[:, :, -H:].transpose(0, 2, 1))
+    un = p.unobserved
+    if task == "kriging":
+        return forecast_metrics(pred[:, un].transpose(0, 2, 1), true[:, un].transpose(0, 2, 1))
+    return forecast_metrics(pred[:, un, -H:].transpose(0, 2, 1), true[:, un, -H:].transpose(0, 2, 1))
