@@ -1,11 +1,14 @@
-"""The quick-start / leave-one-city-out pipeline: each stage an idempotent function from
-store artifacts to store artifacts, so a re-run skips what is done and resumes the rest.
+"""The pipeline: each stage an idempotent function from store artifacts to store artifacts,
+so a re-run skips what is done and resumes the rest.
 
-    import -> prepare -> zoo -> tokens -> diffusion -> gpdiff -> stgp -> evaluate -> report
+    import -> prepare -> [gpdiff: zoo -> tokens -> diffusion -> transfer]
+                      -> [stgp: pretrain -> domain prompt -> task prompts]
+                      -> baselines -> report
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -13,32 +16,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from pydantic import Field, field_validator
+import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from stgray.config import StageConfig
 from stgray.data.prepare import PrepareConfig
-from stgray.errors import ConfigError
+from stgray.engines.stgp import STGPPretrainConfig, STGPPromptConfig
 
-ALL_STAGES = ["import", "prepare", "zoo", "tokens", "diffusion", "gpdiff", "stgp", "baselines", "report"]
+ALL_STAGES = ["prepare", "stgp", "baselines", "report"]
+STGP_TASKS = ("forecast", "kriging", "extrapolation")
+REPORT_KIND, BASELINE_KIND = "report", "baselines"
 
 
 class PipelineConfig(StageConfig):
-    """The whole run. Execution settings (store, data_dir, stages) do not enter hashes."""
+    """The whole run. Execution settings (store, data_dir, stages, ray) enter no hash."""
 
     _unhashed: ClassVar[frozenset[str]] = frozenset({"store", "data_dir", "stages", "ray_address"})
 
     name: str = "quickstart"
     store: str | None = Field(None, description="store URL; default $STGRAY_STORE or ./stgray-store")
     data_dir: str | None = Field(None, description="datasets folder; default $STGRAY_DATA_DIR or ../shared/datasets")
-    ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local Ray")
+    ray_address: str | None = Field(None, description="Ray cluster to join; default $RAY_ADDRESS or a local Ray")
     sources: list[str] = Field(..., min_length=1)
     target: str
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     stages: list[str] = Field(default_factory=lambda: list(ALL_STAGES))
+    tasks: list[str] = Field(default_factory=lambda: list(STGP_TASKS))
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
-    max_nodes: int | None = Field(None, gt=0, description="keep only the first N nodes of each city (quick runs)")
-    sections: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                                description="per-stage configs (zoo, tokens, diffusion, stgp, ...)")
+    stgp_pretrain: STGPPretrainConfig = Field(default_factory=STGPPretrainConfig)
+    stgp_prompt: STGPPromptConfig = Field(default_factory=STGPPromptConfig)
+    stgp_variants: list[str] = Field(default_factory=lambda: ["two_stage", "one_stage", "finetune"],
+                                     description="two_stage (domain+task prompts), one_stage (task "
+                                                 "prompts only), finetune (all weights, no prompts)")
 
     @field_validator("stages")
     @classmethod
@@ -48,12 +57,27 @@ class PipelineConfig(StageConfig):
             raise ValueError(f"unknown stage(s) {bad}; known: {ALL_STAGES}")
         return v
 
-    @field_validator("target")
+    @field_validator("tasks")
     @classmethod
-    def _target_not_source(cls, v: str, info) -> str:
-        if v in info.data.get("sources", []):
-            raise ValueError("the target city must not also be a source")
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STGP_TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {list(STGP_TASKS)}")
         return v
+
+    @field_validator("stgp_variants")
+    @classmethod
+    def _known_variants(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in ("two_stage", "one_stage", "finetune")]
+        if bad:
+            raise ValueError(f"unknown variant(s) {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _target_not_source(self) -> "PipelineConfig":
+        if self.target in self.sources:
+            raise ValueError(f"target '{self.target}' is also a source")
+        return self
 
 
 @dataclass
@@ -69,52 +93,189 @@ class StageLog:
         dt = time.perf_counter() - t0
         self.rows.append({"stage": stage, "what": what, "artifact": aid,
                           "status": "skipped (in store)" if skipped else "done", "seconds": round(dt, 1)})
-        print(f"[{stage}] {what}: {'skipped, already in store' if skipped else 'done'} "
-              f"-> {aid} ({dt:.1f}s)", flush=True)
+        print(f"[{stage}] {what}: {'already in store, skipped' if skipped else 'done'} -> {aid} "
+              f"({dt:.1f}s)", flush=True)
         return aid
 
 
-def run_pipeline(cfg: PipelineConfig, config_path: str | None = None) -> dict[str, Any]:
-    """Run the selected stages; return the stage log and the results rows."""
+def run_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, Any]:
+    """Run the selected stages (through ``until``, if given: a stage's job runs what it
+    needs first, skipping what is in the store); return the stage log, the results rows
+    and the report id."""
+    if until is not None:
+        if until not in ALL_STAGES:
+            from stgray.errors import ConfigError
+
+            raise ConfigError(f"unknown stage '{until}'; known: {ALL_STAGES}", field="until")
+        keep = ALL_STAGES[:ALL_STAGES.index(until) + 1]
+        cfg = cfg.model_copy(update={"stages": [s for s in cfg.stages if s in keep]})
     from stgray.data.ingest import import_city
     from stgray.data.prepare import prepare_to_store
+    from stgray.engines.common import ensure_ray
     from stgray.store import ArtifactStore
 
     store = ArtifactStore(cfg.store)
-    log = StageLog()
-    out: dict[str, Any] = {"store": store.url, "stages": log.rows}
-    cities = [*cfg.sources, cfg.target]
-    city_ids: dict[str, str] = {}
     if cfg.data_dir:
         os.environ["STGRAY_DATA_DIR"] = str(Path(cfg.data_dir).expanduser().resolve())
-    for name in cities:
-        city_ids[name] = log.run("import", name, lambda n=name: _import(import_city, store, n))
-    prepared: dict[str, str] = {}
-    if "prepare" in cfg.stages:
-        for name in cities:
-            role = "target" if name == cfg.target else "source"
-            prepared[name] = log.run("prepare", f"{name} ({role})",
-                                     lambda n=name, r=role: prepare_to_store(store, city_ids[n], cfg.prepare, r))
-    out["city_ids"], out["prepared"] = city_ids, prepared
+    log = StageLog()
+    out: dict[str, Any] = {"store": store.url, "stages": log.rows, "rows": []}
+    cities = [*cfg.sources, cfg.target]
+    city_ids = {n: log.run("import", n, lambda n=n: import_city(store, n)[::2]) for n in cities}
+    prepared = {n: log.run("prepare", f"{n} ({'target' if n == cfg.target else 'source'})",
+                           lambda n=n: prepare_to_store(store, city_ids[n], cfg.prepare,
+                                                        "target" if n == cfg.target else "source"))
+                for n in cities}
+    src_ids = [prepared[n] for n in cfg.sources]
+    tgt_id = prepared[cfg.target]
+    result_ids: list[str] = []
+    if "stgp" in cfg.stages:
+        ensure_ray(cfg.ray_address)
+        result_ids += _run_stgp(store, cfg, log, src_ids, tgt_id)
+    if "baselines" in cfg.stages:
+        result_ids.append(log.run("baselines", cfg.target, lambda: run_baselines(store, cfg, tgt_id)))
+    if "report" in cfg.stages:
+        rid = log.run("report", cfg.name, lambda: write_report(store, cfg, tgt_id, result_ids))
+        out["report"] = rid
+        out["report_md"] = store.read_bytes(rid, "report.md").decode()
+    out["rows"] = collect_rows(store, result_ids, cfg.target)
     return out
 
 
-def _import(import_city, store, name: str) -> tuple[str, bool]:
-    aid, _city, skipped = import_city(store, name)
-    return aid, skipped
+def _run_stgp(store, cfg: PipelineConfig, log: StageLog, src_ids: list[str], tgt_id: str) -> list[str]:
+    from stgray.engines.stgp import run_stgp_domain, run_stgp_pretrain, run_stgp_task
+
+    ids = []
+    for seed in cfg.seeds:
+        pre_cfg = cfg.stgp_pretrain.model_copy(update={"seed": seed})
+        pr_cfg = cfg.stgp_prompt.model_copy(update={"seed": seed})
+        pid = log.run("stgp", f"pre-train seed {seed}", lambda: run_stgp_pretrain(store, pre_cfg, src_ids))
+        did = None
+        if "two_stage" in cfg.stgp_variants:
+            did = log.run("stgp", f"domain prompts seed {seed}", lambda: run_stgp_domain(store, pr_cfg, pid, tgt_id))
+        for task in cfg.tasks:
+            for variant in cfg.stgp_variants:
+                dom = did if variant == "two_stage" else None
+                kind = "finetune" if variant == "finetune" else "prompt"
+                ids.append(log.run("stgp", f"{task} {variant} seed {seed}",
+                                   lambda t=task, d=dom, k=kind: run_stgp_task(store, pr_cfg, pid, d, tgt_id, t, k)))
+    return ids
 
 
-def load_pipeline_config(path: str) -> PipelineConfig:
-    cfg = PipelineConfig.load(path)
-    if not cfg.sources:
-        raise ConfigError("no source cities", where=path, field="sources")
-    return cfg
+STGP_METHOD = {("prompt", True): "STGP (domain + task prompts)", ("prompt", False): "STGP (task prompts only)",
+               ("finetune", True): "STGP full fine-tune", ("finetune", False): "STGP full fine-tune"}
 
 
-def stage_table(rows: list[dict[str, Any]]) -> str:
-    from stgray.cli.common import format_table
+def run_baselines(store, cfg: PipelineConfig, tgt_id: str) -> tuple[str, bool]:
+    """Historical average and persistence (forecast), neighbour mean (kriging), neighbour
+    historical average (extrapolation) on the target's test windows."""
+    from stgray.data.prepare import load_prepared
+    from stgray.eval import baselines as B
+    from stgray.eval.metrics import forecast_metrics
 
-    return format_table(rows)
+    t_in, t_out = cfg.stgp_pretrain.t_in, cfg.stgp_pretrain.t_out
+    config = {"t_in": t_in, "t_out": t_out, "tasks": cfg.tasks, "v": 1}
+    aid = store.id_for(BASELINE_KIND, config, [tgt_id])
+    if store.exists(aid):
+        return aid, True
+    p = load_prepared(store, tgt_id)
+    rows = []
+    fs = p.window_starts("test", t_in, t_out)
+    truth = p.raw[fs[:, None] + t_in + np.arange(t_out)[None]]  # (B, H, N)
+    preds = {}
+    if "forecast" in cfg.tasks:
+        for name, fn in (("historical average", B.historical_average), ("persistence", B.persistence)):
+            preds[name] = fn(p, fs, t_in, t_out)
+            rows.append({"task": "forecast", "method": name, **_strip(forecast_metrics(preds[name], truth))})
+    un = p.unobserved
+    if "kriging" in cfg.tasks and len(un):
+        w = t_in + t_out
+        lo, hi = p.splits["test"]
+        ks = np.arange(lo, hi - w + 1)
+        kt = p.raw[ks[:, None] + np.arange(w)[None]][:, :, un]
+        rows.append({"task": "kriging", "method": "neighbour mean",
+                     **_strip(forecast_metrics(B.kriging_neighbour_mean(p, ks, w), kt))})
+    if "extrapolation" in cfg.tasks and len(un):
+        rows.append({"task": "extrapolation", "method": "neighbour historical average",
+                     **_strip(forecast_metrics(B.extrapolation_neighbour_ha(p, fs, t_in, t_out), truth[:, :, un]))})
+    with store.writer(BASELINE_KIND, config, [tgt_id], label=f"{p.name} baselines", meta={"rows": rows}) as wr:
+        buf = io.BytesIO()
+        np.savez(buf, starts=fs, **{k.replace(" ", "_"): v for k, v in preds.items()})
+        wr.put_bytes("forecast_preds.npz", buf.getvalue())
+    return aid, False
+
+
+def _strip(m: dict) -> dict:
+    return {k: m[k] for k in ("mae", "rmse", "mape", "n")}
+
+
+def collect_rows(store, result_ids: list[str], target: str) -> list[dict[str, Any]]:
+    """One results row per (method, task, seed) from the result artifacts' manifests."""
+    rows = []
+    for aid in result_ids:
+        m = store.manifest(aid)
+        if m.kind == BASELINE_KIND:
+            for r in m.meta["rows"]:
+                rows.append({"target": target, **r, "seed": "-"})
+        elif m.kind == "stgp-task":
+            meta = m.meta
+            rows.append({"target": target, "task": meta["task"],
+                         "method": STGP_METHOD[(meta["variant"], meta["domain"])],
+                         "seed": m.config["prompt"]["seed"], "val_mae": meta["val_mae"],
+                         "trainable": meta["trainable_params"], "train_s": meta["train_seconds"],
+                         **_strip(meta["test"])})
+    return rows
+
+
+def write_report(store, cfg: PipelineConfig, tgt_id: str, result_ids: list[str]) -> tuple[str, bool]:
+    """Markdown report with the results table, the stage log and plots, as a store artifact."""
+    from stgray.data.prepare import load_prepared
+    from stgray.eval.report import aggregate_rows, plot_forecasts, results_markdown
+
+    config = {"name": cfg.name, "target": cfg.target, "v": 1}
+    aid = store.id_for(REPORT_KIND, config, [tgt_id, *result_ids])
+    if store.exists(aid):
+        return aid, True
+    rows = collect_rows(store, result_ids, cfg.target)
+    p = load_prepared(store, tgt_id)
+    md = [f"# stgray report: {cfg.name}", "",
+          f"Target **{cfg.target}** (test: steps {p.splits['test'][0]}-{p.splits['test'][1]} at "
+          f"{p.step_s // 60} min), sources {', '.join(cfg.sources)}; seeds {cfg.seeds}. Every choice was "
+          "made on validation (target days 4-6); test metrics are from one evaluation each, "
+          "on de-normalised values (MAPE over non-zero truths).", "", "## Results", "",
+          results_markdown(rows), ""]
+    plots: dict[str, bytes] = {}
+    base = [r for r in result_ids if store.manifest(r).kind == BASELINE_KIND]
+    if base:
+        with np.load(io.BytesIO(store.read_bytes(base[0], "forecast_preds.npz")), allow_pickle=False) as z:
+            starts = z["starts"]
+            t_in = cfg.stgp_pretrain.t_in
+            nodes = np.argsort(-p.raw[p.splits["train"][0]:p.splits["train"][1]].mean(0))[:3]
+            truth = p.raw[starts + t_in][:, nodes]
+            preds = {k.replace("_", " "): z[k][:, 0, nodes] for k in z.files if k != "starts"}
+            stgp_pred = _stgp_forecast_preds(store, result_ids)
+            if stgp_pred is not None and len(stgp_pred) == len(starts):
+                preds["STGP"] = stgp_pred[:, 0, nodes]
+            n = min(len(truth), 7 * p.steps_per_day)
+            plots["forecast_vs_truth.png"] = plot_forecasts(
+                truth[:n], {k: v[:n] for k, v in preds.items()}, [f"node {i}" for i in nodes],
+                title=f"{cfg.target}: 1-step-ahead forecasts, first test week")
+            md += ["## Forecast vs truth", "", "![forecast vs truth](forecast_vs_truth.png)", ""]
+    md += ["## Artifacts", ""] + [f"- `{r}`" for r in result_ids]
+    with store.writer(REPORT_KIND, config, [tgt_id, *result_ids], label=f"report {cfg.name}") as w:
+        w.put_bytes("report.md", "\n".join(md).encode())
+        w.put_json("results.json", {"rows": rows, "aggregate": aggregate_rows(rows)})
+        for name, data in plots.items():
+            w.put_bytes(name, data)
+    return aid, False
+
+
+def _stgp_forecast_preds(store, result_ids: list[str]):
+    for r in result_ids:
+        m = store.manifest(r)
+        if m.kind == "stgp-task" and m.meta["task"] == "forecast" and m.meta["variant"] == "prompt" \
+                and "test_preds.npy" in m.files:
+            return np.load(io.BytesIO(store.read_bytes(r, "test_preds.npy", m)), allow_pickle=False)
+    return None
 
 
 def dump(obj: Any) -> str:

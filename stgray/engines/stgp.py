@@ -14,6 +14,7 @@ meet the real unobserved nodes only in the one test evaluation.
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 import time
@@ -451,7 +452,7 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
     model.load_state_dict(best_state, strict=False)
     # the one test evaluation: real unobserved nodes, test period
     te = _task_windows(tmpl, p, task, "test")
-    test_metrics = _test(model, tgt, task, te)
+    test_metrics, test_preds = _test(model, tgt, task, te)
     meta = {"task": task, "variant": variant, "domain": bool(domain_id), "val_mae": best,
             "best_epoch": int(np.argmin([h["val_mae"] for h in hist])), "train_seconds": secs,
             "trainable_params": sum(q.numel() for q in params), "total_params": count_parameters(model),
@@ -461,6 +462,9 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
         w.put_bytes("params.pt", tensors_to_bytes(best_state))
         w.put_json("history.json", hist)
         w.put_json("metrics.json", test_metrics)
+        buf = io.BytesIO()
+        np.save(buf, test_preds, allow_pickle=False)
+        w.put_bytes("test_preds.npy", buf.getvalue())  # (windows, steps, scored nodes), data units
     return aid, False
 
 
@@ -489,7 +493,8 @@ def _evaluate(model, tgt: _Target, task: str, sets, enc_cache, offset: int) -> d
 
 @torch.no_grad()
 def _test(model, tgt: _Target, task: str, starts: np.ndarray) -> dict:
-    """Test metrics with the real task masks (unobserved nodes are the real held-out ones)."""
+    """Test metrics and predictions (B, steps, scored nodes) with the real task masks
+    (the unobserved nodes are the real held-out ones)."""
     model.eval()
     p, tmpl = tgt.p, tgt.tmpl
     n_nodes = p.num_nodes
@@ -510,8 +515,11 @@ def _test(model, tgt: _Target, task: str, starts: np.ndarray) -> dict:
     pred, true = np.concatenate(preds), np.concatenate(trues)  # (B, N, T)
     H = tmpl.horizon_steps
     if task == "forecast":
-        return forecast_metrics(pred[:, :, -H:].transpose(0, 2, 1), true[:, :, -H:].transpose(0, 2, 1))
+        out = pred[:, :, -H:].transpose(0, 2, 1)
+        return forecast_metrics(out, true[:, :, -H:].transpose(0, 2, 1)), out.astype(np.float32)
     un = p.unobserved
     if task == "kriging":
-        return forecast_metrics(pred[:, un].transpose(0, 2, 1), true[:, un].transpose(0, 2, 1))
-    return forecast_metrics(pred[:, un, -H:].transpose(0, 2, 1), true[:, un, -H:].transpose(0, 2, 1))
+        out = pred[:, un].transpose(0, 2, 1)
+        return forecast_metrics(out, true[:, un].transpose(0, 2, 1)), out.astype(np.float32)
+    out = pred[:, un, -H:].transpose(0, 2, 1)
+    return forecast_metrics(out, true[:, un, -H:].transpose(0, 2, 1)), out.astype(np.float32)

@@ -1,0 +1,401 @@
+"""STGP encoder: patch embedding and two parallel Transformer branches over the *visible*
+(node, patch) cells, fused by a gate; masked cells get a learned mask token.
+
+- Temporal branch (TSFormer-style): one sequence per node of its visible patches, with a
+  learnable embedding per patch index and time-of-day / day-of-week embeddings.
+- Spatial branch (Graphormer-style): one set per patch of its visible nodes, with in/out
+  degree embeddings and a per-head attention bias computed from the weighted adjacency.
+
+Only visible cells are embedded and attended to: the values of masked cells are never read,
+so they cannot influence any output. Visible cells are packed into dense (sequences, length,
+d) batches (padding only when sequences differ in length), so a pre-training batch with 50%
+of patches and 50% of nodes masked costs about a quarter of a full one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stgray.nn.stgp.prompts import PromptBank
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stgray.nn.stgp.model import STGPModelConfig
+
+
+# --- graph ------------------------------------------------------------------------------
+
+@dataclass
+class STGraph:
+    """Everything the model derives from one weighted adjacency ``adj[i, j]`` (edge i -> j).
+
+    weight: (N, N) edge weights scaled to [0, 1] by the largest off-diagonal weight
+        (NaN and negative weights count as no edge; the diagonal is not an edge).
+    edge: (N, N) bool, weight > 0 off the diagonal.
+    in_degree / out_degree: (N,) int64 edge counts, clipped to ``max_degree - 1``.
+    supports: [row-normalised A, row-normalised A^T] (= the column-normalised A,
+        transposed), dense or sparse CSR; applied as ``x'_i = sum_j S[i, j] x_j``.
+    powers: dense graphs only: the stacked (2 * order * N, N) matrix
+        [S1, S1^2, .., S1^order, S2, .., S2^order]: one matmul gives every diffusion.
+    supports_t: sparse graphs only: the supports' transposes (CSR), for the backward pass.
+
+    Graphs with an edge density below ``sparse_density`` are stored sparse (a 207-node
+    graph with 4% edges runs faster dense on the CPU; large city graphs need sparse).
+    """
+
+    weight: Tensor
+    edge: Tensor
+    in_degree: Tensor
+    out_degree: Tensor
+    supports: list[Tensor] = field(default_factory=list)
+    powers: Tensor | None = None
+    supports_t: list[Tensor] = field(default_factory=list)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def sparse(self) -> bool:
+        return self.powers is None
+
+    @classmethod
+    def from_adj(cls, adj, max_degree: int = 64, sparse_density: float = 0.02, order: int = 2) -> "STGraph":
+        a = torch.as_tensor(adj).detach().float()
+        if a.dim() != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(f"adjacency must be (N, N); got {tuple(a.shape)}")
+        n = a.shape[0]
+        a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+        a = a * (1.0 - torch.eye(n, dtype=a.dtype, device=a.device))
+        top = a.max() if a.numel() else a.new_zeros(())
+        weight = a / top if float(top) > 0 else torch.zeros_like(a)
+        edge = weight > 0
+        out_deg = edge.sum(1).clamp(max=max_degree - 1)
+        in_deg = edge.sum(0).clamp(max=max_degree - 1)
+        fwd, bwd = _row_normalise(weight), _row_normalise(weight.t())
+        density = float(edge.sum()) / max(n * n, 1)
+        if density < sparse_density:
+            return cls(weight, edge, in_deg.long(), out_deg.long(), [_to_sparse(fwd), _to_sparse(bwd)],
+                       None, [_to_sparse(fwd.t()), _to_sparse(bwd.t())])
+        pows = []
+        for s in (fwd, bwd):
+            h = s
+            for k in range(order):
+                pows.append(h)
+                if k + 1 < order:
+                    h = s @ h
+        return cls(weight, edge, in_deg.long(), out_deg.long(), [fwd, bwd], torch.cat(pows))
+
+    def to(self, device) -> "STGraph":
+        return STGraph(self.weight.to(device), self.edge.to(device), self.in_degree.to(device),
+                       self.out_degree.to(device), [s.to(device) for s in self.supports],
+                       None if self.powers is None else self.powers.to(device),
+                       [s.to(device) for s in self.supports_t])
+
+
+def _row_normalise(a: Tensor) -> Tensor:
+    d = a.sum(1, keepdim=True)
+    return torch.where(d > 0, a / d.clamp(min=1e-12), torch.zeros_like(a))
+
+
+def _to_sparse(a: Tensor) -> Tensor:
+    """Dense (N, N) -> sparse CSR (what ``torch.sparse.mm`` runs fastest on the CPU)."""
+    import warnings
+
+    from torch_geometric.utils import dense_to_sparse, to_torch_csr_tensor
+
+    index, value = dense_to_sparse(a.contiguous())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return to_torch_csr_tensor(index, value, size=a.shape[0])
+
+
+def as_graph(adj, cfg) -> STGraph:
+    """An ``STGraph`` as is, or one built from an adjacency tensor / array."""
+    if isinstance(adj, STGraph):
+        return adj
+    return STGraph.from_adj(adj, cfg.max_degree, cfg.sparse_density, cfg.graph_order)
+
+
+class GraphormerBias(nn.Module):
+    """Degree embeddings and a per-head attention bias from the weighted adjacency.
+
+    bias[h, i, j] = w_h * weight[i, j] + c_h   for an edge i -> j,
+                  = e_h                        for a pair without an edge (weight 0),
+                  = s_h                        on the diagonal.
+    """
+
+    def __init__(self, num_heads: int, dim: int, max_degree: int):
+        super().__init__()
+        self.max_degree = max_degree
+        self.in_degree = nn.Embedding(max_degree, dim)
+        self.out_degree = nn.Embedding(max_degree, dim)
+        nn.init.normal_(self.in_degree.weight, std=0.02)
+        nn.init.normal_(self.out_degree.weight, std=0.02)
+        self.edge_scale = nn.Parameter(torch.zeros(num_heads))
+        self.edge_bias = nn.Parameter(torch.zeros(num_heads))
+        self.no_edge_bias = nn.Parameter(torch.zeros(num_heads))
+        self.self_bias = nn.Parameter(torch.zeros(num_heads))
+
+    def degree_embedding(self, g: STGraph) -> Tensor:
+        """(N, d)."""
+        top = self.max_degree - 1
+        return self.in_degree(g.in_degree.clamp(0, top)) + self.out_degree(g.out_degree.clamp(0, top))
+
+    def bias(self, g: STGraph) -> Tensor:
+        """(H, N, N) float."""
+        w = g.weight[None]
+        on_edge = self.edge_scale[:, None, None] * w + self.edge_bias[:, None, None]
+        b = torch.where(g.edge[None], on_edge, self.no_edge_bias[:, None, None])
+        eye = torch.eye(g.num_nodes, dtype=torch.bool, device=w.device)[None]
+        return torch.where(eye, self.self_bias[:, None, None], b)
+
+
+# --- transformer ------------------------------------------------------------------------
+
+class FastDropout(nn.Module):
+    """Inverted dropout drawing one random byte per element (``Tensor.random_`` on uint8),
+    about 3x faster on the CPU than ``nn.Dropout``'s Bernoulli draw. The drop probability is
+    rounded to a multiple of 1/256 (0.1 -> 26/256); outputs are scaled by 1/(1 - p_used)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        self.p = p
+        self._cut = int(round(p * 256))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self._cut == 0:
+            return x
+        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_() >= self._cut
+        return x * keep * (256.0 / (256 - self._cut))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm Transformer encoder layer on ``F.scaled_dot_product_attention``.
+
+    Same parameters as ``nn.TransformerEncoderLayer(batch_first=True, norm_first=True)``
+    (GELU), but takes an attention mask that broadcasts to (S, H, L, L) — one (1, H, N, N)
+    Graphormer bias serves every set instead of a copy per set — or a (G, 1, H, L, L) mask
+    shared by each of G consecutive groups of S / G sets. Dropout acts on the two
+    residual branches only: dropout on attention weights or the FFN hidden layer would force
+    the unfused attention path and two more CPU random draws per layer.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff1 = nn.Linear(dim, ffn_dim)
+        self.ff2 = nn.Linear(ffn_dim, dim)
+        self.drop = FastDropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        s, n, d = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(self.norm1(x)).view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        fused = attn_mask is None or attn_mask.dtype == torch.bool
+        if fused and q.dtype == torch.float32:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:  # a learned float bias: the fused kernels take no bias gradient, and SDPA's
+            # fallback adds NaN guards that cost as much as the attention itself; in bf16 the
+            # CPU flash kernel's backward is ~10x slower than these three ops
+            if attn_mask is not None and attn_mask.dim() == 5:  # (G, 1, H, L, L): G groups of sets
+                g = attn_mask.shape[0]
+                q, k, v = (t.reshape(g, s // g, h, n, d // h) for t in (q, k, v))
+            scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            elif attn_mask is not None:
+                scores = scores + attn_mask.to(scores.dtype)
+            a = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(s, h, n, d // h)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(s, n, d)))
+        return x + self.drop(self.ff2(F.gelu(self.ff1(self.norm2(x)))))
+
+
+@dataclass
+class _Packing:
+    """Where each visible cell sits in a padded (S, Lmax, d) batch of sequences."""
+
+    seq: Tensor  # (V,) sequence of each cell, in packing order
+    pos: Tensor  # (V,) slot within its sequence
+    counts: Tensor  # (S,) cells per sequence
+    length: int  # Lmax
+    order: Tensor | None  # permutation from canonical cell order to packing order (None = identity)
+    keys: Tensor  # (S,) the group key of each sequence
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.counts < self.length).any())
+
+    def pack(self, tokens: Tensor) -> Tensor:
+        """(V, d) canonical -> (S, Lmax, d); padding slots are zero."""
+        if self.order is not None:
+            tokens = tokens.index_select(0, self.order)
+        out = tokens.new_zeros(self.counts.shape[0], self.length, tokens.shape[-1])
+        return out.index_put((self.seq, self.pos), tokens)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """(S, Lmax, d) -> (V, d) canonical."""
+        tokens = packed[self.seq, self.pos]
+        if self.order is None:
+            return tokens
+        inv = torch.empty_like(self.order)
+        inv[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        return tokens.index_select(0, inv)
+
+    def key_valid(self) -> Tensor:
+        """(S, Lmax) bool: True for real cells, False for padding."""
+        return torch.arange(self.length, device=self.counts.device)[None] < self.counts[:, None]
+
+
+def _packing(group: Tensor, order: Tensor | None) -> _Packing:
+    """``group``: (V,) non-decreasing sequence key of each cell in packing order."""
+    keys, seq, counts = torch.unique_consecutive(group, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(group.numel(), device=group.device) - starts[seq]
+    return _Packing(seq, pos, counts, int(counts.max()) if counts.numel() else 0, order, keys)
+
+
+# --- encoder ----------------------------------------------------------------------------
+
+class STGPEncoder(nn.Module):
+    """``forward(x (B,N,T), tod (B,T), dow (B,T), graph, mask (B,N,P)) -> tokens (B,N,P,d)``."""
+
+    def __init__(self, cfg: "STGPModelConfig"):
+        super().__init__()
+        d, L = cfg.d_model, cfg.patch_len
+        self.cfg = cfg
+        self.patch_embed = nn.Conv1d(1, d, kernel_size=L, stride=L)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches, d))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.tod_embed = nn.Embedding(cfg.steps_per_day, d)
+        self.dow_embed = nn.Embedding(7, d)
+        nn.init.normal_(self.tod_embed.weight, std=0.02)
+        nn.init.normal_(self.dow_embed.weight, std=0.02)
+        self.graph_bias = GraphormerBias(cfg.num_heads, d, cfg.max_degree)
+        self.domain_temporal = PromptBank(cfg.domain_prompts, d, cfg.prompt_threshold, cfg.prompt_init_std)
+        self.domain_spatial = PromptBank(cfg.domain_prompts, d, cfg.prompt_threshold, cfg.prompt_init_std)
+        self.temporal = nn.ModuleList(EncoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+                                      for _ in range(cfg.temporal_depth))
+        self.temporal_norm = nn.LayerNorm(d)
+        self.spatial = nn.ModuleList(EncoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+                                     for _ in range(cfg.spatial_depth))
+        self.spatial_norm = nn.LayerNorm(d)
+        self.gate = nn.Linear(2 * d, d)  # sigmoid(T Wt + S Ws + b)
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def time_embedding(self, tod: Tensor, dow: Tensor, num_patches: int) -> Tensor:
+        """(B, P, d) from the time of day / day of week of each patch's first step."""
+        L = self.cfg.patch_len
+        t = tod[:, ::L][:, :num_patches].long() % self.cfg.steps_per_day
+        w = dow[:, ::L][:, :num_patches].long() % 7
+        return self.tod_embed(t) + self.dow_embed(w)
+
+    def forward(self, x: Tensor, tod: Tensor, dow: Tensor, graph: STGraph, mask: Tensor) -> Tensor:
+        B, N, T = x.shape
+        L, d = self.cfg.patch_len, self.cfg.d_model
+        P = T // L
+        if T % L or P > self.cfg.num_patches:
+            raise ValueError(f"window of {T} steps: needs a multiple of patch_len={L} with at most "
+                             f"{self.cfg.num_patches} patches")
+        if mask.shape != (B, N, P):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected {(B, N, P)}")
+        if tod.shape != (B, T) or dow.shape != (B, T):
+            raise ValueError(f"tod/dow must be {(B, T)}; got {tuple(tod.shape)}, {tuple(dow.shape)}")
+        if graph.num_nodes != N:
+            raise ValueError(f"graph has {graph.num_nodes} nodes; x has {N}")
+
+        time = self.time_embedding(tod, dow, P)  # (B, P, d)
+        base = (self.mask_token + self.pos_embed[:P])[None] + time  # (B, P, d): masked cells
+        vis_flat = (~mask).reshape(-1)
+        cells = vis_flat.nonzero().squeeze(1)  # canonical order (b, n, p)
+        if cells.numel() == 0:
+            return base[:, None].expand(B, N, P, d).contiguous()
+        b, n, p = cells // (N * P), (cells // P) % N, cells % P
+
+        # Patch embedding of visible cells only (Conv1d over the L steps of a patch).
+        patches = x.reshape(B * N * P, L).index_select(0, cells)
+        e = F.linear(patches, self.patch_embed.weight.view(d, L), self.patch_embed.bias)
+        te = time[b, p]
+
+        # Temporal branch: per node, its visible patches (already contiguous in canonical order).
+        tin = self.domain_temporal(e + self.pos_embed[p] + te)
+        tp = _packing(cells // P, None)
+        h = tp.pack(tin)
+        am = tp.key_valid()[:, None, None, :] if tp.padded else None
+        with self._autocast(x):
+            for layer in self.temporal:
+                h = layer(h, am)
+        t_out = tp.unpack(self.temporal_norm(h.float()))
+
+        # Spatial branch: per patch, its visible nodes (Graphormer degree + bias).
+        sin = self.domain_spatial(e + self.graph_bias.degree_embedding(graph)[n] + te)
+        key = (b * P + p) * N + n
+        order = torch.argsort(key)
+        sp = _packing(key[order] // N, order)
+        h = sp.pack(sin)
+        am = self._spatial_mask(graph, sp, n[order], P)
+        with self._autocast(x):
+            for layer in self.spatial:
+                h = layer(h, am)
+        s_out = sp.unpack(self.spatial_norm(h.float()))
+
+        # Gated fusion at visible cells; mask token (+ position and time) elsewhere.
+        w, d_ = self.gate.weight, self.cfg.d_model  # gate = Linear(2d, d) on [T, S], without the cat
+        with torch.autocast(x.device.type, enabled=False):
+            t_out, s_out = t_out.float(), s_out.float()
+            g = torch.addmm(torch.addmm(self.gate.bias, t_out, w[:, :d_].t()), s_out, w[:, d_:].t())
+            g = torch.sigmoid(g)
+            fused = torch.lerp(s_out, t_out, g)  # g * T + (1 - g) * S
+        out = base[:, None].expand(B, N, P, d).reshape(B * N * P, d)
+        out = out.index_put((cells,), fused.to(out.dtype))
+        return out.view(B, N, P, d)
+
+    def _autocast(self, x: Tensor):
+        """bf16 autocast over the Transformer layers when ``cfg.encoder_bf16`` (else a no-op
+        that leaves an enclosing autocast alone)."""
+        if self.cfg.encoder_bf16:
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _spatial_mask(self, graph: STGraph, sp: _Packing, nodes: Tensor, num_patches: int) -> Tensor:
+        """Float attention mask: the Graphormer bias between the nodes of each set, -inf at
+        padding. (1, H, Nv, Nv) when every set has the same nodes (forecasting, kriging),
+        (B, 1, H, Nv, Nv) when each sample's sets do (pre-training masks), else (S, H, Lm, Lm)."""
+        bias = self.graph_bias.bias(graph)  # (H, N, N)
+        S, Lm = sp.counts.shape[0], sp.length
+        slots = nodes.new_zeros(S, Lm).index_put((sp.seq, sp.pos), nodes)  # node at each slot
+        if not sp.padded:
+            if bool((slots == slots[:1]).all()):
+                idx = slots[0]
+                return bias.index_select(1, idx).index_select(2, idx)[None]
+            per_sample = torch.unique_consecutive(sp.keys // num_patches, return_counts=True)[1]
+            k = int(per_sample[0])
+            if bool((per_sample == k).all()):
+                grouped = slots.view(-1, k, Lm)
+                if bool((grouped == grouped[:, :1]).all()):
+                    idx = grouped[:, 0]  # (G, Lm)
+                    m = bias[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)  # (G, H, Lm, Lm)
+                    return m[:, None]
+        m = bias[:, slots[:, :, None], slots[:, None, :]].transpose(0, 1)  # (S, H, Lm, Lm)
+        if sp.padded:
+            pad = torch.zeros(S, Lm, dtype=m.dtype, device=m.device)
+            pad = pad.masked_fill(~sp.key_valid(), -math.inf)
+            m = m + pad[:, None, None, :]
+        return m
