@@ -78,11 +78,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  _temp_dir=os.environ.get("STGRAY_RAY_TMP", "/tmp/ray"))
 
 
-def scaling(num_workers: int, use_gpu: str | bool = "auto"):
+def scaling(num_workers: int, use_gpu: str | bool = "auto", placement_strategy: str = "PACK"):
+    """Ray Train scaling: ``use_gpu="auto"`` uses GPUs when the cluster has any."""
     import ray.train
 
     gpu = bool(use_gpu) if use_gpu != "auto" else _cluster_has_gpu()
-    return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu)
+    return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                   placement_strategy=placement_strategy)
 
 
 def _cluster_has_gpu() -> bool:

@@ -51,7 +51,9 @@ class STGPPretrainConfig(StageConfig):
     """Pre-training on source cities. Windows of t_in + t_out steps in patches of the model's
     patch_len; 50% patches and 50% nodes masked at random."""
 
-    _unhashed: ClassVar[frozenset[str]] = frozenset({"num_workers", "use_gpu", "max_failures"})
+    # num_workers is hashed: data-parallel workers change the global batch. Where the
+    # workers run (placement, one node or many) and on what device is not.
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"use_gpu", "max_failures", "placement_strategy"})
 
     model: STGPModelConfig = Field(default_factory=hourly_model)
     t_in: int = Field(12, gt=0)
@@ -68,6 +70,7 @@ class STGPPretrainConfig(StageConfig):
     num_workers: int = Field(2, gt=0)
     use_gpu: str | bool = "auto"
     max_failures: int = Field(2, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class STGPPromptConfig(StageConfig):
@@ -124,6 +127,12 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         start_epoch, best_val, best_state, history = st["epoch"] + 1, st["best_val"], st["best_state"], st["history"]
     model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else core
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     train_starts = [tmpl.window_starts(p, "train", "pretrain") for p in cities]
     val_sets = []
     g = torch.Generator().manual_seed(12345)
@@ -157,7 +166,7 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
             best_val = val
             best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         rec = {"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_loss": val,
-               "resumed": bool(ckpt),
+               "resumed": bool(ckpt), "worker_nodes": nodes,
                "windows_per_s": n_win * world / train_s, "train_seconds": train_s}
         history.append(rec)
         if rank == 0:
@@ -214,7 +223,7 @@ def run_stgp_pretrain(store, cfg: STGPPretrainConfig, prepared_ids: list[str],
         _pretrain_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "store": store.url, "prepared": prepared_ids,
                            "fault": fault},
-        scaling_config=scaling(cfg.num_workers, cfg.use_gpu),
+        scaling_config=scaling(cfg.num_workers, cfg.use_gpu, cfg.placement_strategy),
         run_config=run_config(store, f"stgp-pretrain-{aid.split('/')[1]}", cfg.max_failures),
     )
     result = trainer.fit()
