@@ -234,7 +234,7 @@ class ArtifactStore:
     def _call(self, fn, what: str):
         """Run a filesystem call, turning connection/credential failures into one line."""
         last: Exception | None = None
-        for attempt in range(4):
+        for attempt in range(_RETRIES):
             try:
                 return fn()
             except FileNotFoundError:
@@ -249,7 +249,7 @@ class ArtifactStore:
                                      "/AWS_SECRET_ACCESS_KEY)", where=self.location.redacted()) from None
                 if "NoSuchBucket" in str(e):
                     raise StoreError("bucket does not exist", where=self.location.redacted()) from None
-                time.sleep(0.5 * 2 ** attempt)
+                _backoff(attempt)
             except Exception as e:  # botocore endpoint errors are not OSErrors
                 last = e
                 name = type(e).__name__
@@ -259,9 +259,17 @@ class ArtifactStore:
                                      where=self.location.redacted()) from None
                 if "Endpoint" not in name and "Connect" not in name:
                     raise
-                time.sleep(0.5 * 2 ** attempt)
+                _backoff(attempt)
         raise StoreError(f"store unreachable after retries ({_short(last)})",
                          where=f"{self.location.redacted()} {what}") from None
+
+
+_RETRIES = 6  # backoff 0.5, 1, 2, 4, 8 s: rides out a server restart of ~15 s
+
+
+def _backoff(attempt: int) -> None:
+    if attempt < _RETRIES - 1:
+        time.sleep(0.5 * 2 ** attempt)
 
 
 def _short(e: BaseException | None) -> str:

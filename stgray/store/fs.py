@@ -61,14 +61,18 @@ def parse_store_url(url: str | None) -> StoreLocation:
 def make_fs(loc: StoreLocation) -> fsspec.AbstractFileSystem:
     if loc.protocol == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
+    # Few retries down here: ArtifactStore._call retries whole operations with backoff
+    # (about 30 s in all), which is what rides out a restarting server.
     kwargs: dict = {
-        "config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"},
-                          "connect_timeout": 5, "read_timeout": 60},
+        "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
+                          "connect_timeout": 3, "read_timeout": 60},
         "skip_instance_cache": True,
     }
     if loc.endpoint_url:
         kwargs["endpoint_url"] = loc.endpoint_url
-    return fsspec.filesystem("s3", **kwargs)
+    fs = fsspec.filesystem("s3", **kwargs)
+    fs.retries = 2  # s3fs's own retry loop (class default 5)
+    return fs
 
 
 def make_arrow_fs(loc: StoreLocation):
