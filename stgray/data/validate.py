@@ -21,9 +21,7 @@ def validate_city(city: City, where: str | None = None) -> City:
     t, n, f = s.shape
     if t < 2 or n < 1 or f < 1:
         raise DataError(f"empty dimension in shape {s.shape}", where=where, field="series")
-    if n > MAX_NODES or t * n * f > MAX_CELLS:
-        raise DataError(f"too large: {s.shape} (limits: {MAX_NODES} nodes, {MAX_CELLS} values)",
-                        where=where, field="series")
+    check_size(s.shape, where)
     if s.dtype != np.float32:
         raise DataError(f"dtype {s.dtype}, expected float32", where=where, field="series")
     bad = ~np.isfinite(s)
@@ -60,6 +58,15 @@ def validate_city(city: City, where: str | None = None) -> City:
             raise DataError(f"coordinates must be finite (nodes, 2), got {c.shape}",
                             where=where, field="coords")
     return city
+
+
+def check_size(shape: tuple[int, ...], where: str) -> None:
+    """Refuse series beyond the limits before anything else is read or allocated."""
+    n = shape[1] if len(shape) > 1 else 1
+    cells = int(np.prod(shape))
+    if n > MAX_NODES or cells > MAX_CELLS:
+        raise DataError(f"too large: {tuple(shape)} (limits: {MAX_NODES} nodes, {MAX_CELLS} values)",
+                        where=where, field="series")
 
 
 def validate_adjacency_shape(adj: np.ndarray, num_nodes: int, where: str) -> None:

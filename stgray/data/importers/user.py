@@ -11,6 +11,7 @@ import pandas as pd
 from stgray.data.city import City
 from stgray.data.importers.common import check_finite, finish, provenance
 from stgray.data.importers.graphs import load_graph
+from stgray.data.validate import check_size
 from stgray.errors import DataError
 
 # options every user format understands (stgray data import --help explains them)
@@ -69,6 +70,7 @@ def assemble(*, name: str, series: np.ndarray, node_ids: list[str], start: pd.Ti
                         where=w, field="series")
     if series.dtype.kind not in "fiub":
         raise DataError(f"dtype {series.dtype} is not numeric", where=w, field="series")
+    check_size(series.shape, w)
     missing = options.get("missing") or "none"
     if missing not in ("none", "nan", "zero"):
         raise DataError(f"missing must be none, nan or zero, got '{missing}'", field="missing")
