@@ -1,0 +1,1 @@
+"""Benchmarks: measurements, not tests. Each writes JSON under bench/results/."""
