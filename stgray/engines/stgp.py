@@ -394,6 +394,8 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
         _load_bank_state(model, tensors_from_bytes(store.read_bytes(domain_id, "prompts.pt"), domain_id))
     stage = "finetune" if variant == "finetune" else ("task_extrapolation" if task == "extrapolation" else "task")
     model.set_stage(stage)
+    if domain_id and variant == "prompt":
+        model.set_prompts(domain=True)  # the trained domain banks stay on (frozen) under the task banks
     params = model.parameters_for(stage)
     frozen_before = frozen_fingerprint(model, stage)
     p = load_prepared(store, target_id)
@@ -465,7 +467,7 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
     meta = {"task": task, "variant": variant, "domain": bool(domain_id), "val_mae": best,
             "best_epoch": int(np.argmin([h["val_mae"] for h in hist])), "train_seconds": secs,
             "trainable_params": sum(q.numel() for q in params), "total_params": count_parameters(model),
-            "frozen_fingerprint": frozen_before,
+            "frozen_fingerprint": frozen_before, "prompts_active": model.prompts_active(),
             "test": {k: v for k, v in test_metrics.items() if k != "horizon"}}
     with store.writer(TASK_KIND, config, inputs, label=f"{p.name} {task} {variant}", meta=meta) as w:
         w.put_bytes("params.pt", tensors_to_bytes(best_state))

@@ -64,12 +64,15 @@ def test_pretrain_prompt_all_tasks(ray_session, prepared_pair, s3_store):
         stage = "task_extrapolation" if task == "extrapolation" else "task"
         assert set(saved) == {n for n, _ in model.named_parameters_for(stage)}
         assert meta["trainable_params"] < meta["total_params"] * 0.05
+        assert meta["prompts_active"] == {"domain_temporal": True, "domain_spatial": True,
+                                          "task_observed": True, "task_masked": True}
     # test metrics score the right cells: kriging every step of the 30% unobserved nodes
     n_un = round(0.3 * 69)
     assert rows["kriging"]["test"]["n"] % n_un == 0
     assert rows["extrapolation"]["test"]["n"] < rows["kriging"]["test"]["n"]
     ft, _ = run_stgp_task(s3_store, pcfg, pid, did, pt, "forecast", variant="finetune")
     assert s3_store.manifest(ft).meta["trainable_params"] > rows["forecast"]["trainable_params"] * 10
+    assert not any(s3_store.manifest(ft).meta["prompts_active"].values())
 
 
 def test_pretrain_resumes_after_worker_killed(ray_session, prepared_pair, tmp_path):

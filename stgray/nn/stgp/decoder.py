@@ -93,14 +93,14 @@ class GatedSTLayer(nn.Module):
             pad = (0, 0)
         else:
             pad = (0, left)
-        y = F.conv2d(v.permute(0, 3, 1, 2), self.tcn.weight, self.tcn.bias, padding=pad,
-                     dilation=(1, self.dilation))  # channels-last in and out
+        y = F.conv2d(v.permute(0, 3, 1, 2), self.tcn.weight.to(x.dtype), self.tcn.bias.to(x.dtype),
+                     padding=pad, dilation=(1, self.dilation))  # channels-last in and out
         return y.permute(0, 2, 3, 1).reshape(N, B, P, C)
 
     def spatial(self, x: Tensor, graph: STGraph) -> Tensor:
         """(N, B, P, C) -> (N*B*P, C): gcn([x, S1 x, S1^2 x, S2 x, S2^2 x]) as chained addmm."""
-        C, w = self.channels, self.gcn.weight
-        out = torch.addmm(self.gcn.bias, x.reshape(-1, C), w[:, :C].t())
+        C, w = self.channels, self.gcn.weight.to(x.dtype)
+        out = torch.addmm(self.gcn.bias.to(x.dtype), x.reshape(-1, C), w[:, :C].t())
         if graph.powers is not None:  # dense: every diffusion in one matmul
             hs = diffuse(graph.powers, x).view(-1, x.numel() // C, C)
             if hs.shape[0] != 2 * self.order:
@@ -120,16 +120,17 @@ class GatedSTLayer(nn.Module):
     def forward(self, x: Tensor, graph: STGraph, skip: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, B, P, C), skip (N*B*P, skip) -> updated x and skip + W_skip h (no bias:
         the decoder adds all layers' skip biases once)."""
-        C = self.channels
+        C, dt = self.channels, x.dtype  # runs in x's dtype (fp32 weights cast on the fly)
         t = F.gelu(self.temporal(x).reshape(-1, C))
         s = F.gelu(self.spatial(x, graph))
-        g = torch.sigmoid(torch.addmm(torch.addmm(self.gate_t.bias, t, self.gate_t.weight.t()),
-                                      s, self.gate_s.weight.t()))
-        h = self.drop(torch.lerp(t, s, g))  # g * s + (1 - g) * t
-        skip = torch.addmm(skip, h, self.skip.weight.t())
+        g = torch.addmm(self.gate_t.bias.to(dt), t, self.gate_t.weight.to(dt).t())
+        g = torch.sigmoid(torch.addmm(g, s, self.gate_s.weight.to(dt).t()))
+        h = self.drop(torch.addcmul(t, g, s - t))  # g * s + (1 - g) * t (fp32 lerp is slow)
+        skip = torch.addmm(skip, h, self.skip.weight.to(dt).t())
         if self.norm is None:
             return x, skip
-        return self.norm(x + h.view(x.shape)), skip
+        n = self.norm
+        return F.layer_norm(x + h.view(x.shape), n.normalized_shape, n.weight.to(dt), n.bias.to(dt), n.eps), skip
 
 
 class STGPHead(nn.Module):
@@ -150,6 +151,7 @@ class STGPDecoder(nn.Module):
     def __init__(self, cfg: "STGPModelConfig"):
         super().__init__()
         d, C = cfg.d_model, cfg.decoder_channels
+        self.bf16 = cfg.bf16
         self.task_observed = PromptBank(cfg.task_prompts, d, cfg.prompt_threshold, cfg.prompt_init_std)
         self.task_masked = PromptBank(cfg.task_prompts, d, cfg.prompt_threshold, cfg.prompt_init_std)
         self.input = nn.Linear(d, C)
@@ -171,8 +173,9 @@ class STGPDecoder(nn.Module):
         if tokens.shape[:3] != mask.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} disagree")
         # Node-major (N, B, P, C) inside: graph convs then need no transposes.
-        x = self.input(self.prompt(tokens, mask).transpose(0, 1))
-        skip = sum(layer.skip.bias for layer in self.layers)
+        dt = torch.bfloat16 if self.bf16 else torch.float32
+        x = self.input(self.prompt(tokens, mask).transpose(0, 1)).to(dt)
+        skip = sum(layer.skip.bias for layer in self.layers).to(dt)
         for layer in self.layers:
             x, skip = layer(x, graph, skip)
-        return self.head(skip.view(*x.shape[:3], -1)).transpose(0, 1)
+        return self.head(skip.view(*x.shape[:3], -1).float()).transpose(0, 1)

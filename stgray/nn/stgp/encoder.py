@@ -14,7 +14,6 @@ of patches and 50% of nodes masked costs about a quarter of a full one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -205,15 +204,21 @@ class EncoderLayer(nn.Module):
         self.drop = FastDropout(dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Runs in x's dtype (parameters are cast on the fly: fp32 master weights, bf16 compute
+        when x is bf16)."""
         s, n, d = x.shape
         h = self.num_heads
-        q, k, v = self.qkv(self.norm1(x)).view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        fused = attn_mask is None or attn_mask.dtype == torch.bool
+        q, k, v = _linear(self.qkv, _norm(self.norm1, x)).view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        # SDPA's fused CPU kernel takes no bias gradient (its fallback adds NaN guards that cost
+        # as much as the attention itself), and its bf16 backward is ~10x slower than the three
+        # plain ops below: use it in fp32 when the bias is frozen (prompt stages, no_grad).
+        fused = attn_mask is None or attn_mask.dtype == torch.bool or not attn_mask.requires_grad
         if fused and q.dtype == torch.float32:
+            if attn_mask is not None and attn_mask.dim() == 5:  # one mask per group -> per set
+                g = attn_mask.shape[0]
+                attn_mask = attn_mask.expand(g, s // g, *attn_mask.shape[2:]).reshape(s, *attn_mask.shape[2:])
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:  # a learned float bias: the fused kernels take no bias gradient, and SDPA's
-            # fallback adds NaN guards that cost as much as the attention itself; in bf16 the
-            # CPU flash kernel's backward is ~10x slower than these three ops
+        else:
             if attn_mask is not None and attn_mask.dim() == 5:  # (G, 1, H, L, L): G groups of sets
                 g = attn_mask.shape[0]
                 q, k, v = (t.reshape(g, s // g, h, n, d // h) for t in (q, k, v))
@@ -223,8 +228,16 @@ class EncoderLayer(nn.Module):
             elif attn_mask is not None:
                 scores = scores + attn_mask.to(scores.dtype)
             a = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(s, h, n, d // h)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(s, n, d)))
-        return x + self.drop(self.ff2(F.gelu(self.ff1(self.norm2(x)))))
+        x = x + self.drop(_linear(self.proj, a.transpose(1, 2).reshape(s, n, d)))
+        return x + self.drop(_linear(self.ff2, F.gelu(_linear(self.ff1, _norm(self.norm2, x)))))
+
+
+def _linear(mod: nn.Linear, x: Tensor) -> Tensor:
+    return F.linear(x, mod.weight.to(x.dtype), mod.bias.to(x.dtype))
+
+
+def _norm(mod: nn.LayerNorm, x: Tensor) -> Tensor:
+    return F.layer_norm(x, mod.normalized_shape, mod.weight.to(x.dtype), mod.bias.to(x.dtype), mod.eps)
 
 
 @dataclass
@@ -339,9 +352,9 @@ class STGPEncoder(nn.Module):
         tp = _packing(cells // P, None)
         h = tp.pack(tin)
         am = tp.key_valid()[:, None, None, :] if tp.padded else None
-        with self._autocast(x):
-            for layer in self.temporal:
-                h = layer(h, am)
+        h = h.to(self._dtype)
+        for layer in self.temporal:
+            h = layer(h, am)
         t_out = tp.unpack(self.temporal_norm(h.float()))
 
         # Spatial branch: per patch, its visible nodes (Graphormer degree + bias).
@@ -351,9 +364,9 @@ class STGPEncoder(nn.Module):
         sp = _packing(key[order] // N, order)
         h = sp.pack(sin)
         am = self._spatial_mask(graph, sp, n[order], P)
-        with self._autocast(x):
-            for layer in self.spatial:
-                h = layer(h, am)
+        h = h.to(self._dtype)
+        for layer in self.spatial:
+            h = layer(h, am)
         s_out = sp.unpack(self.spatial_norm(h.float()))
 
         # Gated fusion at visible cells; mask token (+ position and time) elsewhere.
@@ -362,17 +375,16 @@ class STGPEncoder(nn.Module):
             t_out, s_out = t_out.float(), s_out.float()
             g = torch.addmm(torch.addmm(self.gate.bias, t_out, w[:, :d_].t()), s_out, w[:, d_:].t())
             g = torch.sigmoid(g)
-            fused = torch.lerp(s_out, t_out, g)  # g * T + (1 - g) * S
+            fused = torch.addcmul(s_out, g, t_out - s_out)  # g * T + (1 - g) * S
         out = base[:, None].expand(B, N, P, d).reshape(B * N * P, d)
         out = out.index_put((cells,), fused.to(out.dtype))
         return out.view(B, N, P, d)
 
-    def _autocast(self, x: Tensor):
-        """bf16 autocast over the Transformer layers when ``cfg.encoder_bf16`` (else a no-op
-        that leaves an enclosing autocast alone)."""
-        if self.cfg.encoder_bf16:
-            return torch.autocast(x.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @property
+    def _dtype(self) -> torch.dtype:
+        """Compute dtype of the Transformer layers: bf16 with ``cfg.bf16`` (residual stream
+        included; fp32 weights, embeddings, final norms and fusion), else fp32."""
+        return torch.bfloat16 if self.cfg.bf16 else torch.float32
 
     def _spatial_mask(self, graph: STGraph, sp: _Packing, nodes: Tensor, num_patches: int) -> Tensor:
         """Float attention mask: the Graphormer bias between the nodes of each set, -inf at

@@ -63,8 +63,9 @@ class STGPModelConfig(StageConfig):
     task_prompts: int | None = Field(25, ge=0, description="K of each task bank; 0/None disables")
     prompt_threshold: float = Field(0.2, ge=0, le=1)
     prompt_init_std: float = Field(0.02, ge=0)
-    encoder_bf16: bool = Field(False, description="run the encoder's Transformer layers under bf16 "
-                               "autocast (fast on CPUs with AMX / AVX512-BF16; fp32 residuals)")
+    bf16: bool = Field(False, description="compute the Transformer layers and the decoder layers in "
+                       "bfloat16 (fp32 weights, embeddings, prompts, fusion, head and loss; fast on "
+                       "CPUs with AMX / AVX512-BF16)")
     sparse_density: float = Field(0.02, ge=0, le=1,
                                   description="graph convs use sparse supports below this edge density")
 

@@ -177,10 +177,12 @@ def test_packed_encoder_matches_cell_by_cell_reference(kind):
             "forecast": tpl.forecast_mask(B, N)}[kind]
     x, tod, dow = inputs()
     g = STGraph.from_adj(ring_adj(N))
-    with torch.no_grad():
+    with torch.no_grad():  # frozen bias: SDPA kernels
         got = m.encode(x, tod, dow, g, mask)
         want = reference_encode(m.encoder, x, tod, dow, g, mask)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # with a trainable bias the spatial attention runs on plain ops: same result
+    torch.testing.assert_close(m.encode(x, tod, dow, g, mask).detach(), got, rtol=1e-4, atol=1e-5)
 
 
 def test_spatial_bias_is_shared_across_sets_with_the_same_nodes():
@@ -285,16 +287,18 @@ def test_bf16_autocast_runs():
             r = m(x, tod, dow, adj, mask)
         masked_mae(r.float(), x, mask).backward()
         assert torch.isfinite(r.float()).all()
-    # encoder_bf16: bf16 Transformer layers (padded and unpadded packs), fp32 elsewhere
+    # bf16: bf16 Transformer layers (padded and unpadded packs), fp32 elsewhere
     m32 = STGPModel(tiny_cfg()).eval()
     randomise(m32)
-    m16 = STGPModel(tiny_cfg(encoder_bf16=True)).eval()
+    m16 = STGPModel(tiny_cfg(bf16=True)).eval()
     m16.load_state_dict(m32.state_dict())
     adj = ring_adj(6)
     with torch.no_grad():
         a, b = m32.encode(x, tod, dow, adj, mask), m16.encode(x, tod, dow, adj, mask)
-    assert a.dtype == b.dtype == torch.float32
+        ra, rb = m32(x, tod, dow, adj, mask), m16(x, tod, dow, adj, mask)
+    assert a.dtype == b.dtype == rb.dtype == torch.float32
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(rb, ra, rtol=0.05, atol=0.05)
     m16.train()
     masked_mae(m16(x, tod, dow, adj, mask), x, mask).backward()
     assert all(torch.isfinite(p.grad).all() for p in m16.parameters() if p.grad is not None)
