@@ -1,7 +1,7 @@
 """The pipeline: each stage an idempotent function from store artifacts to store artifacts,
 so a re-run skips what is done and resumes the rest.
 
-    import -> prepare -> [gpdiff: zoo -> tokens -> diffusion -> transfer]
+    import -> prepare -> [gpdiff: zoo -> tokens -> diffusion -> gpdiff (transfer)]
                       -> [stgp: pretrain -> domain prompt -> task prompts]
                       -> baselines -> report
 """
@@ -21,9 +21,13 @@ from pydantic import Field, field_validator, model_validator
 
 from stgray.config import StageConfig
 from stgray.data.prepare import PrepareConfig
+from stgray.engines.gpdiff_transfer import TransferConfig
 from stgray.engines.stgp import STGPPretrainConfig, STGPPromptConfig
+from stgray.engines.tokens import TokensConfig
+from stgray.engines.zoo import ZooConfig
+from stgray.gpdiff.diffusion import DiffusionConfig
 
-ALL_STAGES = ["prepare", "stgp", "baselines", "report"]
+ALL_STAGES = ["prepare", "zoo", "tokens", "diffusion", "gpdiff", "stgp", "baselines", "report"]
 STGP_TASKS = ("forecast", "kriging", "extrapolation")
 REPORT_KIND, BASELINE_KIND = "report", "baselines"
 
@@ -31,7 +35,8 @@ REPORT_KIND, BASELINE_KIND = "report", "baselines"
 class PipelineConfig(StageConfig):
     """The whole run. Execution settings (store, data_dir, stages, ray) enter no hash."""
 
-    _unhashed: ClassVar[frozenset[str]] = frozenset({"store", "data_dir", "stages", "ray_address"})
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"store", "data_dir", "stages", "ray_address",
+                                                     "diffusion_workers"})
 
     name: str = "quickstart"
     store: str | None = Field(None, description="store URL; default $STGRAY_STORE or ./stgray-store")
@@ -43,6 +48,11 @@ class PipelineConfig(StageConfig):
     stages: list[str] = Field(default_factory=lambda: list(ALL_STAGES))
     tasks: list[str] = Field(default_factory=lambda: list(STGP_TASKS))
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    zoo: ZooConfig = Field(default_factory=ZooConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    diffusion_workers: int = Field(1, gt=0)
+    gpdiff: TransferConfig = Field(default_factory=TransferConfig)
     stgp_pretrain: STGPPretrainConfig = Field(default_factory=STGPPretrainConfig)
     stgp_prompt: STGPPromptConfig = Field(default_factory=STGPPromptConfig)
     stgp_variants: list[str] = Field(default_factory=lambda: ["two_stage", "one_stage", "finetune"],
@@ -128,6 +138,9 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, Any
     src_ids = [prepared[n] for n in cfg.sources]
     tgt_id = prepared[cfg.target]
     result_ids: list[str] = []
+    if any(s in cfg.stages for s in ("zoo", "tokens", "diffusion", "gpdiff")):
+        ensure_ray(cfg.ray_address)
+        result_ids += _run_gpdiff(store, cfg, log, {n: prepared[n] for n in cfg.sources}, tgt_id)
     if "stgp" in cfg.stages:
         ensure_ray(cfg.ray_address)
         result_ids += _run_stgp(store, cfg, log, src_ids, tgt_id)
@@ -139,6 +152,31 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, Any
         out["report_md"] = store.read_bytes(rid, "report.md").decode()
     out["rows"] = collect_rows(store, result_ids, cfg.target)
     return out
+
+
+def _run_gpdiff(store, cfg: PipelineConfig, log: StageLog, src: dict[str, str], tgt_id: str) -> list[str]:
+    from stgray.engines.diffusion import run_diffusion
+    from stgray.engines.gpdiff_transfer import run_gpdiff_transfer
+    from stgray.engines.tokens import run_tokens
+    from stgray.engines.zoo import run_zoo
+
+    src_ids = list(src.values())
+    zid = log.run("zoo", f"{cfg.zoo.model.arch} per-node models", lambda: run_zoo(store, cfg.zoo, src_ids))
+    if "tokens" not in cfg.stages:
+        return []
+    tid = log.run("tokens", "layer-aware tokens + prompts", lambda: run_tokens(store, cfg.tokens, zid, src))
+    if "diffusion" not in cfg.stages:
+        return []
+    did = log.run("diffusion", "denoiser (Ray Train + Ray Data)",
+                  lambda: run_diffusion(store, cfg.diffusion, tid, cfg.diffusion_workers))
+    if "gpdiff" not in cfg.stages:
+        return []
+    ids = []
+    for seed in cfg.seeds:
+        tcfg = cfg.gpdiff.model_copy(update={"seed": seed})
+        ids.append(log.run("gpdiff", f"generate + few-shot seed {seed}",
+                           lambda: run_gpdiff_transfer(store, tcfg, cfg.zoo, zid, tid, did, tgt_id)))
+    return ids
 
 
 def _run_stgp(store, cfg: PipelineConfig, log: StageLog, src_ids: list[str], tgt_id: str) -> list[str]:
@@ -216,6 +254,9 @@ def collect_rows(store, result_ids: list[str], target: str) -> list[dict[str, An
         if m.kind == BASELINE_KIND:
             for r in m.meta["rows"]:
                 rows.append({"target": target, **r, "seed": "-"})
+        elif m.kind == "gpdiff-eval":
+            for r in m.meta["rows"]:
+                rows.append({"target": target, **r, "seed": m.config["transfer"]["seed"]})
         elif m.kind == "stgp-task":
             meta = m.meta
             rows.append({"target": target, "task": meta["task"],
@@ -260,6 +301,15 @@ def write_report(store, cfg: PipelineConfig, tgt_id: str, result_ids: list[str])
                 truth[:n], {k: v[:n] for k, v in preds.items()}, [f"node {i}" for i in nodes],
                 title=f"{cfg.target}: 1-step-ahead forecasts, first test week")
             md += ["## Forecast vs truth", "", "![forecast vs truth](forecast_vs_truth.png)", ""]
+    gp = [r for r in result_ids if store.manifest(r).kind == "gpdiff-eval"]
+    if gp:
+        plots["params_trained_vs_generated.png"] = store.read_bytes(gp[0], "params_trained_vs_generated.png")
+        meta = store.manifest(gp[0]).meta
+        md += ["## GPDiff: generated vs trained parameters", "",
+               f"Sampler {meta['sampler']} with {meta['sampling_steps']} steps "
+               f"({meta['sampling_seconds']:.1f} s for all target nodes); non-finite samples: "
+               f"{meta['nonfinite_samples']}.", "",
+               "![params](params_trained_vs_generated.png)", ""]
     md += ["## Artifacts", ""] + [f"- `{r}`" for r in result_ids]
     with store.writer(REPORT_KIND, config, [tgt_id, *result_ids], label=f"report {cfg.name}") as w:
         w.put_bytes("report.md", "\n".join(md).encode())

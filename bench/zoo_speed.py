@@ -1,0 +1,315 @@
+"""Model-zoo speed: the batched per-node programs vs training the same models one at a
+time (a single-model loop like the reference), on nyc_bike cut to 3,624 hourly steps.
+
+    .venv/bin/python bench/zoo_speed.py --mode quick     # minutes; extrapolates
+    .venv/bin/python bench/zoo_speed.py --mode full      # reference-sized runs
+
+Per architecture it measures
+  1. ``compare``: the same few nodes, same initial parameters, same window order and the
+     reference protocol (Adam 1e-4, wd 1e-2, batch 64, MSE on de-normalised values,
+     best epoch on validation), trained one model at a time (``single_model``, whole
+     neighbourhood, as the reference) and as one batched program: wall time per
+     node-epoch and validation MAE of both (they should agree: the programs are the same
+     function);
+  2. ``throughput``: the batched program over a whole shard (all 69 nodes, or fewer in
+     quick mode): wall and CPU seconds per node-epoch, FLOP/s achieved (matmul FLOPs from
+     ``torch.utils.flop_counter.FlopCounterMode`` over one training step, and the
+     analytic count of ``pernode.flops_per_sample``);
+  3. ``recipe``: validation MAE of the reference protocol (30 epochs at lr 1e-4, run as
+     the batched program, which is exactly the same training) vs the zoo's recipe
+     (higher lr, fewer epochs) on the compare nodes -- "30-epoch-equivalent" means a
+     recipe whose models are at least as accurate on validation as 30 reference epochs.
+Per-node times for 30 epochs / for the recipe are extrapolated from per-node-epoch
+times when fewer epochs were run (quick mode says so in the JSON).
+Also: the machine's fp32 matmul rate (2048 x 2048, torch, 2 threads) and the load
+average (the development machine is shared: timings under load are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stgray.config import content_hash  # noqa: E402
+from stgray.data.city import City, edges_from_dense  # noqa: E402
+from stgray.data.prepare import PrepareConfig, prepare  # noqa: E402
+from stgray.engines.zoo import ZooConfig, node_seeds, train_models  # noqa: E402
+from stgray.nn.gpdiff.pernode import (PerNodeArch, build_neighbourhoods, flops_per_sample,  # noqa: E402
+                                      init_vectors, load_vector, make_layout, node_features,
+                                      single_model)
+
+STEPS = 3624
+MODES = {
+    "smoke": {"compare": {"stgcn": (2, 1), "gwn": (1, 1)}, "throughput": {"stgcn": (4, 1), "gwn": (2, 1)},
+              "recipe_nodes": {"stgcn": 2, "gwn": 1}, "reference_epochs": 2},
+    # compare: nodes, epochs; throughput: nodes, epochs; recipe: (lr, epochs)
+    "quick": {"compare": {"stgcn": (4, 2), "gwn": (3, 1)},
+              "throughput": {"stgcn": (69, 1), "gwn": (24, 1)},
+              "recipe_nodes": {"stgcn": 4, "gwn": 3}},
+    "full": {"compare": {"stgcn": (8, 30), "gwn": (4, 30)},
+             "throughput": {"stgcn": (69, 30), "gwn": (69, 30)},
+             "recipe_nodes": {"stgcn": 16, "gwn": 8}},
+}
+RECIPE = {"stgcn": (3e-3, 5), "gwn": (2e-3, 6)}  # chosen on nodes 3,17,33,50,61,68: each at least as accurate as after 30 reference epochs
+REFERENCE = {"lr": 1e-4, "weight_decay": 1e-2, "batch_size": 64, "epochs": 30}
+TARGET_S_PER_NODE = {"stgcn": 2.0, "gwn": 12.0}
+
+
+def nyc_bike(data_dir: Path) -> City:
+    d = data_dir / "nyc_bike_taxi_zones"
+    a = np.load(d / "201901-202012-NYCbike-inoutflow.npz")["arr_0"][:STEPS].astype(np.float32)
+    adj = pd.read_csv(d / "W_adj_matrix.csv")
+    ids, adj = list(adj.columns), adj.to_numpy(np.float32)
+    e, w = edges_from_dense(adj)
+    return City(name="nyc_bike", series=a, start=pd.Timestamp("2019-01-01"), step_s=3600,
+                features=["inflow", "outflow"], units=["trips/h", "trips/h"],
+                aggregation=["sum", "sum"], edges=e, weights=w, node_ids=[str(i) for i in ids])
+
+
+def matmul_rate(threads: int = 2, n: int = 2048, reps: int = 10) -> float:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(old)
+    return 2 * n ** 3 / best
+
+
+def _perm_rng(cfg: ZooConfig, p, nodes: np.ndarray) -> np.random.Generator:
+    """The window-order generator of ``train_models`` (same seed formula, same draws)."""
+    gen = np.random.default_rng(int(content_hash([cfg.seed, p.name, nodes[:1].tolist(), len(nodes)], 15), 16))
+    gen.integers(2 ** 62)
+    return gen
+
+
+def single_loop(p, nodes: np.ndarray, cfg: ZooConfig) -> dict:
+    """Reference-style: one model after another, whole-neighbourhood forward, Adam, MSE on
+    de-normalised values, best epoch on validation. Same inits and window order as the
+    batched program."""
+    arch = cfg.model
+    t0, c0 = time.perf_counter(), time.process_time()
+    feats = torch.as_tensor(node_features(p, arch.features))
+    values = torch.as_tensor(p.x)
+    tr = p.window_starts("train", arch.t_in, arch.t_out)
+    va = torch.as_tensor(p.window_starts("val", arch.t_in, arch.t_out))
+    gen = _perm_rng(cfg, p, nodes)
+    perms = [tr[gen.permutation(len(tr))] for _ in range(cfg.epochs)]
+    inits = init_vectors(arch, node_seeds(cfg.seed, p.name, nodes))
+    nb = build_neighbourhoods(p.adj, nodes, binary=arch.adjacency == "binary", eps=arch.adj_eps)
+    std2 = float(p.std) ** 2
+    maes = []
+    for i, c in enumerate(nodes):
+        k = int(nb.mask[i].sum())
+        ids = torch.as_tensor(nb.idx[i, :k])
+        a_hat = torch.as_tensor(nb.a_hat[i, :k, :k])
+        model = single_model(arch)
+        load_vector(model, inits[i])
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def batch(starts):
+            s = torch.as_tensor(starts)
+            steps = s[:, None] + torch.arange(arch.t_in)[None]
+            x = feats[steps][:, :, ids].permute(0, 2, 1, 3)  # (B, K, T, C)
+            y = values[s[:, None] + arch.t_in + torch.arange(arch.t_out)[None], int(c)]
+            return x, y
+
+        def val_scores():
+            model.eval()
+            se = ae = 0.0
+            with torch.no_grad():
+                for j in range(0, len(va), 512):
+                    x, y = batch(va[j:j + 512])
+                    err = (model(x, a_hat)[:, 0] - y) * p.std
+                    se += float((err ** 2).sum())
+                    ae += float(err.abs().sum())
+            model.train()
+            n = len(va) * arch.t_out
+            return se / n, ae / n
+
+        best_mse, best_mae = val_scores()
+        for ep in range(cfg.epochs):
+            perm = perms[ep]
+            for j in range(0, len(perm), cfg.batch_size):
+                x, y = batch(perm[j:j + cfg.batch_size])
+                loss = ((model(x, a_hat)[:, 0] - y) ** 2).mean() * std2
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            mse, mae = val_scores()
+            if mse < best_mse:
+                best_mse, best_mae = mse, mae
+        maes.append(best_mae)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    ne = len(nodes) * max(cfg.epochs, 1)
+    return {"nodes": len(nodes), "epochs": cfg.epochs, "wall_s": wall, "cpu_s": cpu,
+            "wall_s_per_node_epoch": wall / ne, "cpu_s_per_node_epoch": cpu / ne,
+            "val_mae": [float(m) for m in maes], "val_mae_mean": float(np.mean(maes))}
+
+
+def batched(p, nodes: np.ndarray, cfg: ZooConfig) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = train_models(p, nodes, cfg, device="cpu")
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    ne = len(nodes) * max(cfg.epochs, 1)
+    return {"nodes": len(nodes), "epochs": cfg.epochs, "wall_s": wall, "cpu_s": cpu,
+            "wall_s_per_node_epoch": wall / ne, "cpu_s_per_node_epoch": cpu / ne,
+            "val_mae": r.val_mae.tolist(), "val_mae_mean": float(r.val_mae.mean()),
+            "best_epoch": r.best_epoch.tolist(), "program": r.info}
+
+
+def step_flops(p, nodes: np.ndarray, cfg: ZooConfig) -> dict:
+    """Matmul FLOPs of one training step (fwd + bwd) of the batched program, counted by
+    FlopCounterMode, and the analytic forward count x 3."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stgray.engines.zoo import _Program
+
+    arch = cfg.model
+    prog = _Program(p, nodes, arch, torch.device("cpu"), cfg.chunk_rows)
+    lay = make_layout(arch)
+    vec = init_vectors(arch, range(len(nodes)))
+    params = {k: v.clone().requires_grad_(True) for k, v in lay.unflatten(vec).items()}
+    s = torch.as_tensor(p.window_starts("train", arch.t_in, arch.t_out)[:cfg.batch_size])
+    with FlopCounterMode(display=False) as fc:
+        pred, y = prog.forward(params, s, training=True)
+        ((pred - y) ** 2).mean((1, 2)).sum().backward()
+    padded = sum((hi - lo) * idx.shape[1] for lo, hi, idx, *_ in prog.chunks)
+    k_mean = padded / len(nodes)
+    return {"counted_flops_per_step": int(fc.get_total_flops()),
+            "analytic_flops_per_step": float(3 * flops_per_sample(arch, k_mean) * len(nodes) * len(s)),
+            "batch": int(len(s)), "models": len(nodes), "mean_padded_neighbourhood": k_mean,
+            "mean_real_neighbourhood": float(prog.sizes.mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=list(MODES), default="quick")
+    ap.add_argument("--archs", default="stgcn,gwn")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--data-dir", default=os.environ.get("STGRAY_DATA_DIR", str(REPO.parent / "shared" / "datasets")))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "zoo_speed.json"))
+    args = ap.parse_args()
+    mode = MODES[args.mode]
+    out: dict = {
+        "bench": "zoo_speed", "mode": args.mode,
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "numpy": np.__version__, "ray": _version("ray"),
+                    "loadavg_start": os.getloadavg()},
+        "matmul_fp32_2048_2threads_gflops": matmul_rate(2) / 1e9,
+        "data": {"dataset": "nyc_bike_taxi_zones bike inflow", "steps": STEPS, "t_in": 12, "t_out": 6,
+                 "batch": 64, "split": "source 80/20 train/val, train-only normalisation"},
+        "reference_protocol": REFERENCE, "recipe": {k: {"lr": v[0], "epochs": v[1]} for k, v in RECIPE.items()},
+        "targets_s_per_node": TARGET_S_PER_NODE, "threads": args.threads, "archs": {},
+    }
+    torch.set_num_threads(args.threads)
+    p = prepare(nyc_bike(Path(args.data_dir)), PrepareConfig(), "source")
+    rng = np.random.default_rng(0)
+    for arch_name in args.archs.split(","):
+        arch = PerNodeArch(arch=arch_name)
+        ref_cfg = ZooConfig(model=arch, lr=REFERENCE["lr"], weight_decay=REFERENCE["weight_decay"],
+                            batch_size=REFERENCE["batch_size"], epochs=REFERENCE["epochs"])
+        res: dict = {"n_params": make_layout(arch).n_params, "arch_hash": make_layout(arch).arch_hash,
+                     "config_hash": ref_cfg.config_hash(), "seed": ref_cfg.seed}
+        n_cmp, e_cmp = mode["compare"][arch_name]
+        cmp_nodes = np.sort(rng.choice(p.num_nodes, n_cmp, replace=False))
+        c = ref_cfg.model_copy(update={"epochs": e_cmp})
+        print(f"[{arch_name}] compare {n_cmp} nodes x {e_cmp} epochs", flush=True)
+        res["compare"] = {"node_ids": cmp_nodes.tolist(), "single_loop": single_loop(p, cmp_nodes, c),
+                          "batched": batched(p, cmp_nodes, c)}
+        print(json.dumps(res["compare"], default=float)[:400], flush=True)
+        n_tp, e_tp = mode["throughput"][arch_name]
+        tp_nodes = np.arange(n_tp)
+        c = ref_cfg.model_copy(update={"epochs": e_tp})
+        print(f"[{arch_name}] throughput {n_tp} nodes x {e_tp} epochs", flush=True)
+        tp = batched(p, tp_nodes, c)
+        fl = step_flops(p, tp_nodes, c)
+        steps = e_tp * -(-tp["program"]["train_windows"] // c.batch_size)
+        train_share = _train_share(tp, c)
+        tp["flops"] = fl
+        tp["achieved_gflops_counted"] = fl["counted_flops_per_step"] * steps / (tp["wall_s"] * train_share) / 1e9
+        tp["achieved_gflops_analytic"] = fl["analytic_flops_per_step"] * steps / (tp["wall_s"] * train_share) / 1e9
+        tp["note"] = ("achieved FLOP/s: matmul FLOPs of the training steps over the wall time "
+                      "share estimated for training (validation passes excluded by window count)")
+        res["throughput"] = tp
+        n_rec = mode["recipe_nodes"][arch_name]
+        rec_nodes = np.sort(rng.choice(p.num_nodes, n_rec, replace=False))
+        lr, ep = RECIPE[arch_name]
+        print(f"[{arch_name}] recipe: reference 30 epochs vs lr {lr} x {ep} on {n_rec} nodes", flush=True)
+        ref30 = batched(p, rec_nodes, ref_cfg.model_copy(
+            update={"epochs": mode.get("reference_epochs", REFERENCE["epochs"])}))
+        fast = batched(p, rec_nodes, ref_cfg.model_copy(update={"lr": lr, "epochs": ep}))
+        better = [f <= r for f, r in zip(fast["val_mae"], ref30["val_mae"])]
+        res["recipe"] = {"node_ids": rec_nodes.tolist(), "reference_30_epochs": ref30, "recipe": fast,
+                         "recipe_at_least_as_accurate_per_node": better,
+                         "recipe_at_least_as_accurate_mean": fast["val_mae_mean"] <= ref30["val_mae_mean"]}
+        per_ne = tp["wall_s_per_node_epoch"]
+        res["summary"] = {
+            "batched_s_per_node_epoch": per_ne,
+            "single_loop_s_per_node_epoch": res["compare"]["single_loop"]["wall_s_per_node_epoch"],
+            "speedup_per_node_epoch_vs_single_loop":
+                res["compare"]["single_loop"]["wall_s_per_node_epoch"] / per_ne,
+            "batched_s_per_node_30_epochs": per_ne * 30,
+            "batched_s_per_node_recipe": per_ne * ep,
+            "target_s_per_node": TARGET_S_PER_NODE[arch_name],
+            "meets_target_with_recipe": per_ne * ep <= TARGET_S_PER_NODE[arch_name] and all(better),
+            "extrapolated": e_tp < 30,
+            "extrapolation_note": (f"per-node times for 30 epochs / the recipe = measured "
+                                   f"per-node-epoch time ({e_tp} epoch(s) over {n_tp} nodes) x epochs"),
+            "val_mae_single_loop_vs_batched": [res["compare"]["single_loop"]["val_mae_mean"],
+                                               res["compare"]["batched"]["val_mae_mean"]],
+        }
+        print(json.dumps(res["summary"], indent=1), flush=True)
+        out["archs"][arch_name] = res
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    print(f"wrote {args.out}")
+
+
+def _train_share(tp: dict, cfg: ZooConfig) -> float:
+    """Share of the run spent in training steps, estimated as train-window forward+backward
+    work (x3) against validation forward work (x1) per epoch, plus one initial validation."""
+    tw, vw = tp["program"]["train_windows"], tp["program"]["val_windows"]
+    e = max(cfg.epochs, 1)
+    train = 3.0 * tw * e
+    return train / (train + vw * (e + 1))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()
