@@ -17,7 +17,7 @@ COMMANDS = {
     "zoo_speed": ".venv/bin/python bench/zoo_speed.py --mode quick",
     "token_pipeline": ".venv/bin/python -m bench.token_pipeline",
     "diffusion_sampling": ".venv/bin/python -m bench.diffusion_sampling",
-    "quickstart": "make bench-quickstart",
+    "quickstart": ".venv/bin/python -m bench.quickstart",
 }
 
 

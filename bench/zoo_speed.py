@@ -56,7 +56,7 @@ MODES = {
               "recipe_nodes": {"stgcn": 2, "gwn": 1}, "reference_epochs": 2},
     # compare: nodes, epochs; throughput: nodes, epochs; recipe: (lr, epochs)
     "quick": {"compare": {"stgcn": (4, 2), "gwn": (3, 1)},
-              "throughput": {"stgcn": (69, 1), "gwn": (24, 1)},
+              "throughput": {"stgcn": (69, 1), "gwn": (69, 1)},
               "recipe_nodes": {"stgcn": 4, "gwn": 3}},
     "full": {"compare": {"stgcn": (8, 30), "gwn": (4, 30)},
              "throughput": {"stgcn": (69, 30), "gwn": (69, 30)},

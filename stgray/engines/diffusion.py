@@ -221,24 +221,24 @@ def run_diffusion(store, cfg: DiffusionConfig, tokens_id: str, num_workers: int 
     info["verify_seconds"] = time.perf_counter() - t0
     if num_workers > tinfo.rows:
         raise ConfigError(f"{num_workers} workers for {tinfo.rows} rows", field="num_workers")
-    ray_utils_gpu = ray_utils.resolve_use_gpu(use_gpu)
+    gpu = ray_utils.resolve_use_gpu(use_gpu)
     ds = build_dataset(store, tinfo, cache, cache_max_bytes)
     name = run_name or ray_utils.run_name("diffusion", aid)
     info["ray_run"] = name
     per_worker = max(1, cfg.batch_size // num_workers)
     res = {"CPU": threads_per_worker}
-    if ray_utils_gpu:
+    if gpu:
         res["GPU"] = 1
     trainer = TorchTrainer(
         _diffusion_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"),
                            "token_layout": tinfo.token_layout.to_json(),
-                           "prompt_dim": tinfo.prompt_dim, "use_gpu": ray_utils_gpu,
+                           "prompt_dim": tinfo.prompt_dim, "use_gpu": gpu,
                            "threads": threads_per_worker, "checkpoint_every": checkpoint_every,
                            "log_every": log_every,
                            "shuffle_rows": shuffle_rows if shuffle_rows is not None
                            else max(4 * per_worker, 256)},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=ray_utils_gpu,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                      resources_per_worker=res),
         run_config=ray_utils.run_config(store, name, max_failures=max_failures),
         datasets={"train": ds},

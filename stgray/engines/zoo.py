@@ -77,7 +77,7 @@ class ZooConfig(StageConfig):
     amp: bool = Field(True, description="mixed precision (bf16/fp16) on CUDA only")
     progress: bool = False
     max_failures: int = Field(1, ge=-1)
-    chunk_rows: int = Field(128, gt=0, description="model x neighbourhood rows per chunk")
+    chunk_rows: int = Field(32, gt=0, description="model x neighbourhood rows per chunk (speed only)")
     eval_batch_size: int = Field(512, gt=0)
 
 
@@ -295,7 +295,7 @@ def _arch_of(arch) -> PerNodeArch:
 @torch.no_grad()
 def predict_nodes(prepared: Prepared, params, arch, node_ids, starts, *,
                   device: str | torch.device = "cpu", batch: int = 512,
-                  chunk_rows: int = 128) -> np.ndarray:
+                  chunk_rows: int = 32) -> np.ndarray:
     """De-normalised forecasts (B, t_out, M) of model m for node ``node_ids[m]`` at windows
     ``starts`` (inputs ``[s, s + t_in)``). ``arch``: a ``PerNodeArch`` or ``ZooConfig``."""
     a = _arch_of(arch)
