@@ -19,6 +19,12 @@ TINY_PIPELINE = {
                                 "head_hidden": 16, "domain_prompts": 4, "task_prompts": 4}},
     "stgp_prompt": {"domain_epochs": 1, "task_epochs": 1, "finetune_epochs": 1, "pseudo_draws": 1},
     "stgp_variants": ["two_stage", "finetune"],
+    "stages": ["prepare", "zoo", "tokens", "diffusion", "gpdiff", "stgp", "baselines", "report"],
+    "zoo": {"epochs": 1, "lr": 0.001, "node_limit": 6, "num_workers": 1},
+    "tokens": {"width": 256},
+    "diffusion": {"token_width": 256, "d_model": 16, "layers": 1, "heads": 2, "train_steps": 10,
+                  "batch_size": 4, "lr": 0.001},
+    "gpdiff": {"samples_per_node": 2, "sampling_steps": 3, "finetune_epochs": 1, "scratch_epochs": 1},
 }
 
 
@@ -32,11 +38,13 @@ def test_run_pipeline_twice_skips(cli, s3_server, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     for method in ("STGP (domain + task prompts)", "STGP full fine-tune", "historical average",
-                   "persistence", "neighbour mean"):
+                   "persistence", "neighbour mean", "GPDiff zero-shot", "GPDiff few-shot",
+                   "target-only per-node (scratch)"):
         assert method in out
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Results" in md and "forecast_vs_truth.png" in md
     assert (tmp_path / "report" / "forecast_vs_truth.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report" / "params_trained_vs_generated.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     tasks = {r["task"] for r in results["rows"]}
     assert tasks == {"forecast", "kriging", "extrapolation"}
