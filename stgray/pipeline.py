@@ -59,28 +59,14 @@ class PipelineConfig(StageConfig):
                                      description="two_stage (domain+task prompts), one_stage (task "
                                                  "prompts only), finetune (all weights, no prompts)")
 
-    @field_validator("stages")
+    @field_validator("stages", "tasks", "stgp_variants")
     @classmethod
-    def _known_stages(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in ALL_STAGES]
+    def _known(cls, v: list[str], info) -> list[str]:
+        known = {"stages": ALL_STAGES, "tasks": list(STGP_TASKS),
+                 "stgp_variants": ["two_stage", "one_stage", "finetune"]}[info.field_name]
+        bad = [s for s in v if s not in known]
         if bad:
-            raise ValueError(f"unknown stage(s) {bad}; known: {ALL_STAGES}")
-        return v
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in STGP_TASKS]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {list(STGP_TASKS)}")
-        return v
-
-    @field_validator("stgp_variants")
-    @classmethod
-    def _known_variants(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in ("two_stage", "one_stage", "finetune")]
-        if bad:
-            raise ValueError(f"unknown variant(s) {bad}")
+            raise ValueError(f"unknown {info.field_name} {bad}; known: {known}")
         return v
 
     @model_validator(mode="after")

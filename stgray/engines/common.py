@@ -1,4 +1,5 @@
-"""Pieces every engine uses: devices, safe tensor (de)serialisation, Ray Train run configs."""
+"""Pieces every engine uses: safe tensor (de)serialisation, Ray start-up, and Ray Train run
+and scaling configs built on ``ray_utils`` (storage inside the store, GPU resolution)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,9 @@ from typing import Any
 
 import torch
 
+from stgray.engines.ray_utils import ray_storage, resolve_use_gpu
 from stgray.errors import IntegrityError
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise the named device."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+from stgray.gpdiff.diffusion import resolve_device  # noqa: F401  (re-exported for the engines)
 
 
 def amp_enabled(device: torch.device, requested: bool = True) -> bool:
@@ -38,23 +34,12 @@ def tensors_from_bytes(data: bytes, where: str = "object") -> dict[str, Any]:
         raise IntegrityError(f"cannot load tensors ({type(e).__name__})", where=where) from None
 
 
-def ray_storage(store, run_name: str):
-    """``(storage_path, storage_filesystem)`` for a Ray Train/Tune ``RunConfig`` whose
-    checkpoints live inside the store (S3 on a cluster: shared by every node)."""
-    fs, root = store.arrow_fs()
-    path = f"{root}/_ray"
-    if store.location.protocol == "file":
-        os.makedirs(path, exist_ok=True)
-        return path, None
-    return path, fs
-
-
 def run_config(store, run_name: str, max_failures: int = 0, keep: int = 2):
     """A Ray Train ``RunConfig`` checkpointing into the store. The same ``run_name`` (derived
     from an artifact key) resumes an interrupted run (see ray-notes)."""
     import ray.train
 
-    path, fs = ray_storage(store, run_name)
+    path, fs = ray_storage(store)
     return ray.train.RunConfig(
         name=run_name, storage_path=path, storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
@@ -82,15 +67,7 @@ def scaling(num_workers: int, use_gpu: str | bool = "auto", placement_strategy: 
     """Ray Train scaling: ``use_gpu="auto"`` uses GPUs when the cluster has any."""
     import ray.train
 
-    gpu = bool(use_gpu) if use_gpu != "auto" else _cluster_has_gpu()
+    gpu = resolve_use_gpu(use_gpu)
     return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                    placement_strategy=placement_strategy)
 
-
-def _cluster_has_gpu() -> bool:
-    import ray
-
-    try:
-        return ray.cluster_resources().get("GPU", 0) > 0
-    except Exception:
-        return torch.cuda.is_available()
