@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -116,7 +117,7 @@ def _diffusion_loop(c: dict[str, Any]) -> None:
     shuffle = max(bs, int(c["shuffle_rows"])) if c["shuffle_rows"] else None
     every, log_every = int(c["checkpoint_every"]), int(c["log_every"])
     shard = ray.train.get_dataset_shard("train")
-    dtypes = {k: torch.float32 for k in _COLUMNS}  # every column: Ray raises on a missing one
+    collate = token_collate(device)
     win_loss, win_n, log_loss, log_n = 0.0, 0, 0.0, 0
     t_start, rows_start = time.perf_counter(), rows_seen
 
@@ -143,7 +144,7 @@ def _diffusion_loop(c: dict[str, Any]) -> None:
         return
     while step < cfg.train_steps:
         got = 0
-        for b in shard.iter_torch_batches(batch_size=bs, dtypes=dtypes, device=device,
+        for b in shard.iter_torch_batches(batch_size=bs, collate_fn=collate,
                                           local_shuffle_buffer_size=shuffle,
                                           local_shuffle_seed=int(content_hash(
                                               [cfg.seed, epoch, rank], 8), 16)):
@@ -165,6 +166,37 @@ def _diffusion_loop(c: dict[str, Any]) -> None:
         epoch += 1
 
 
+def _fixed_tensor(col) -> torch.Tensor:
+    """A pyarrow ``fixed_size_list<float32>[n]`` column of R rows -> float32 (R, n),
+    without copying when the column is one chunk."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    with warnings.catch_warnings():  # Arrow's buffers are read-only; the batch never writes them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat.reshape(len(col), col.type.list_size)).float()
+
+
+def token_collate(device=None):
+    """The ``iter_torch_batches`` collate function for token shards: an Arrow batch ->
+    ``{"tokens": (R, L*C), "prompt": (R, D)}`` float32 tensors on ``device``.
+
+    Ray's default collation turns fixed-size-list columns into object arrays of rows and
+    stacks them (a copy per row); this reads the Arrow buffers directly."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class TokenCollate(ArrowBatchCollateFn):
+        def __call__(self, batch):
+            out = {k: _fixed_tensor(batch.column(k)) for k in _COLUMNS}
+            if device is not None and torch.device(device).type != "cpu":
+                out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+            return out
+
+    return TokenCollate()
+
+
 # ------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------
@@ -176,7 +208,14 @@ def build_dataset(store, info: TokensInfo, cache: bool | Literal["auto"] = "auto
     import ray.data
 
     fs, _ = store.arrow_fs()
-    ds = ray.data.read_parquet(list(info.shard_paths), filesystem=fs)
+    # Ray 2.60's default Parquet datasource (ListFiles -> ReadFiles) hands over nothing
+    # until a whole file is read: 3-10x slower to the first batch in bench/token_pipeline.py.
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(list(info.shard_paths), filesystem=fs)
+    finally:
+        ctx.use_datasource_v2 = old
     ds = ds.select_columns(list(_COLUMNS))  # string columns (city, arch) cannot become tensors
     size = sum(info.manifest.files[n].size for n in info.shards)
     if cache is True or (cache == "auto" and size <= cache_max_bytes):

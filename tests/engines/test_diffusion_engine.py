@@ -111,14 +111,16 @@ def test_generate_params_shapes_and_determinism(trained):
     assert info["sampler"] == "ddim" and info["steps"] == 5 and info["sampling_seconds"] > 0
     b = generate_params(store, did, None, prompts, "ddim", 5, samples_per_node=2, seed=1,
                         batch_size=2)
-    np.testing.assert_array_equal(a, b)  # same seed -> same samples, whatever the batching
+    # same seed -> same samples whatever the batching, up to float32 rounding (a different
+    # batch size can take a different GEMM kernel)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not np.allclose(a[:, 0], a[:, 1])  # samples of one node differ
     c = generate_params(store, did, tid, prompts, "ddim", 5, samples_per_node=2, seed=2)
     assert not np.allclose(a, c)
     # a node's samples depend on its key, not on which other nodes are generated
     d = generate_params(store, did, tid, prompts[2:], "ddim", 5, samples_per_node=2, seed=1,
                         node_keys=[2])
-    np.testing.assert_array_equal(d[0], a[2])
+    np.testing.assert_allclose(d[0], a[2], rtol=1e-5, atol=1e-6)
     # DDPM runs too (its default is every training step: 50 here); not clamped
     e = generate_params(store, did, tid, prompts[:1], "ddpm", None, seed=1)
     assert e.shape == (1, 1, ti.param_layout.n_params) and np.isfinite(e).all()
