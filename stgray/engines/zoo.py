@@ -14,11 +14,21 @@ normalised values. After every epoch (and before the first, epoch 0 = the initia
 parameters) each model is scored on the **validation** split and keeps its best-epoch
 parameters (vectorised); optional per-model early stopping with ``patience``.
 
+Mid-shard checkpoints: inside ``run_zoo`` a shard's whole training state (parameters,
+Adam moments, best-epoch bookkeeping, histories, RNG states) goes to the store every
+``checkpoint_s`` seconds (at an epoch's end) as a scratch object keyed by the shard id
+(``_ray/zoo-progress/<key>.pt``, not an artifact). A worker that dies mid-shard -- Ray
+Train's ``FailureConfig`` restarting the worker group, or a later call -- resumes the
+shard from that epoch, and the result is bit-for-bit that of an uninterrupted run.
+
 The driver (``run_zoo``) is idempotent and resumable: shard i of the pending shards goes
 to rank ``i % world_size``; each finished shard is committed at once as its own
 ``zoo-shard`` artifact, so a restarted worker, a resumed Ray run (run name from the
 artifact key, storage inside the store) or a fresh call skips shards already done; the
-``zoo`` artifact is assembled from the shard artifacts at the end.
+``zoo`` artifact is assembled from the shard artifacts at the end. Shards are trained
+independently and deterministically (seeds from the shard's content, one torch thread per
+CPU of a worker), so where a shard runs -- which rank, which node, how many workers --
+does not change a bit of the artifacts.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import json
 import math
 import socket
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal, NamedTuple
 
@@ -57,7 +68,7 @@ class ZooConfig(StageConfig):
 
     _unhashed: ClassVar[frozenset[str]] = frozenset(
         {"num_workers", "cpus_per_worker", "use_gpu", "device", "progress", "max_failures",
-         "chunk_rows", "eval_batch_size", "amp"})
+         "chunk_rows", "eval_batch_size", "amp", "placement_strategy", "checkpoint_s"})
 
     model: PerNodeArch = Field(default_factory=PerNodeArch)
     epochs: int = Field(30, ge=0)
@@ -77,6 +88,9 @@ class ZooConfig(StageConfig):
     amp: bool = Field(True, description="mixed precision (bf16/fp16) on CUDA only")
     progress: bool = False
     max_failures: int = Field(1, ge=-1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    checkpoint_s: float | None = Field(60.0, ge=0, description="mid-shard checkpoint into the "
+                                       "store at most this often (s; 0: every epoch; None: off)")
     chunk_rows: int = Field(32, gt=0, description="model x neighbourhood rows per chunk (speed only)")
     eval_batch_size: int = Field(512, gt=0)
 
@@ -179,14 +193,59 @@ def _evaluate(prog: _Program, params: dict, starts: np.ndarray, std: float, batc
     return se / n, ae / n
 
 
+class ShardProgress:
+    """Mid-shard training state of one shard in the store: a scratch object
+    ``_ray/zoo-progress/<shard key>.pt`` (torch tensors and plain values only, read back
+    with ``weights_only=True``), written whole at most every ``every_s`` seconds."""
+
+    VERSION = 1
+
+    def __init__(self, store, shard_id: str, every_s: float = 60.0):
+        self.store, self.every_s = store, float(every_s)
+        self.path = ray_utils.scratch_path(store, "zoo-progress", shard_id.split("/", 1)[1] + ".pt")
+        self._last = time.monotonic()
+        self.saved = 0
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every_s
+
+    def load(self) -> dict | None:
+        data = ray_utils.get_scratch(self.store, self.path)
+        if data is None:
+            return None
+        try:
+            st = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:  # torn or foreign object: not trusted, the shard starts over
+            return None
+        return st if isinstance(st, dict) and st.get("version") == self.VERSION else None
+
+    def save(self, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({"version": self.VERSION, **state}, buf)
+        ray_utils.put_scratch(self.store, self.path, buf.getvalue())
+        self._last = time.monotonic()
+        self.saved += 1
+
+    def clear(self) -> None:
+        ray_utils.rm_scratch(self.store, self.path)
+
+
+def _cpu(d: dict) -> dict:
+    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
 def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch.Tensor | None = None,
                  epochs: int | None = None, device: torch.device | str | None = None,
                  train_split: str = "train", val_split: str = "val",
-                 log: Callable[[str], None] | None = None) -> TrainResult:
+                 log: Callable[[str], None] | None = None,
+                 progress: ShardProgress | None = None,
+                 _on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train (or fine-tune from ``init`` (M, P)) one model per node of ``nodes`` on ``p``.
 
     Windows come from ``train_split``; every epoch each model is scored on ``val_split``
     and keeps its best parameters (epoch 0 = ``init`` / the random initialisation).
+    ``progress``: resume from, and checkpoint into, a ``ShardProgress`` (the caller keys
+    it by everything that defines the result). ``_on_step(epoch, step)``: test hook.
     """
     t0 = time.perf_counter()
     arch = cfg.model
@@ -221,21 +280,52 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
     gen = np.random.default_rng(int(content_hash([cfg.seed, p.name, nodes[:1].tolist(), m], 15), 16))
     torch.manual_seed(gen.integers(2 ** 62))
 
-    hist_val = np.full((m, epochs + 1), np.nan)
-    hist_train = np.full((m, epochs + 1), np.nan)
-    mse, mae = _evaluate(prog, params, va, p.std, cfg.eval_batch_size, amp_ctx)
-    best_flat = start.clone()
-    best_mse, best_mae = mse.clone(), mae.clone()
-    best_epoch = torch.zeros(m, dtype=torch.long, device=device)
-    best_train = torch.full((m,), float("nan"), dtype=torch.float64, device=device)
-    hist_val[:, 0] = mse.cpu().numpy()
-    bad = torch.zeros(m, dtype=torch.long, device=device)
-    active = torch.ones(m, dtype=torch.bool, device=device)
-    epochs_run = 0
-    for ep in range(1, epochs + 1):
+    state = progress.load() if progress is not None else None
+    try:
+        if state is not None and not (
+                torch.equal(state["nodes"], torch.as_tensor(nodes))
+                and torch.equal(state["order"], torch.as_tensor(prog.order))
+                and tuple(state["params"].shape) == (m, layout.n_params)
+                and state["hist_val"].shape[1] == epochs + 1 and 0 < state["epoch"] < epochs):
+            state = None  # not this training's state: start over
+    except (KeyError, TypeError, AttributeError, IndexError):
+        state = None
+    if state is None:
+        hist_val = np.full((m, epochs + 1), np.nan)
+        hist_train = np.full((m, epochs + 1), np.nan)
+        mse, mae = _evaluate(prog, params, va, p.std, cfg.eval_batch_size, amp_ctx)
+        best_flat = start.clone()
+        best_mse, best_mae = mse.clone(), mae.clone()
+        best_epoch = torch.zeros(m, dtype=torch.long, device=device)
+        best_train = torch.full((m,), float("nan"), dtype=torch.float64, device=device)
+        hist_val[:, 0] = mse.cpu().numpy()
+        bad = torch.zeros(m, dtype=torch.long, device=device)
+        active = torch.ones(m, dtype=torch.bool, device=device)
+        epochs_run = resumed_from = 0
+    else:  # resume after the checkpointed epoch: everything as it was, bit for bit
+        with torch.no_grad():
+            for k, v in layout.unflatten(state["params"].to(device)).items():
+                params[k].copy_(v)
+        opt.load_state_dict(state["opt"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        hist_val, hist_train = state["hist_val"].numpy().copy(), state["hist_train"].numpy().copy()
+        best_flat = state["best_flat"].to(device)
+        best_mse, best_mae = state["best_mse"].to(device), state["best_mae"].to(device)
+        best_epoch, best_train = state["best_epoch"].to(device), state["best_train"].to(device)
+        bad, active = state["bad"].to(device), state["active"].to(device)
+        gen.bit_generator.state = json.loads(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        epochs_run = resumed_from = int(state["epoch"])
+        if log is not None:
+            log(f"{p.name} nodes {int(nodes.min())}..{int(nodes.max())}: resumed after epoch "
+                f"{resumed_from}/{epochs} from the store")
+    for ep in range(epochs_run + 1, epochs + 1):
         perm = tr[gen.permutation(len(tr))]
         tot = torch.zeros(m, dtype=torch.float64, device=device)
-        for i in range(0, len(perm), cfg.batch_size):
+        for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
             s = torch.as_tensor(perm[i:i + cfg.batch_size], device=device)
             with amp_ctx:
                 pred, y = prog.forward(params, s, training=True)
@@ -250,6 +340,8 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
                 loss.backward()
                 opt.step()
             tot += per_model.detach().double() * len(s)
+            if _on_step is not None:
+                _on_step(ep, step)
         train_loss = tot / len(perm)
         mse, mae = _evaluate(prog, params, va, p.std, cfg.eval_batch_size, amp_ctx)
         improved = (mse < best_mse) & active
@@ -272,6 +364,22 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
             active &= bad < cfg.patience
             if not active.any():
                 break
+        if progress is not None and ep < epochs and progress.due():
+            osd = opt.state_dict()
+            progress.save({
+                "nodes": torch.as_tensor(nodes), "order": torch.as_tensor(prog.order), "epoch": ep,
+                "params": layout.flatten({k: v.detach() for k, v in params.items()}).cpu().clone(),
+                "opt": {"state": {i: _cpu(st) for i, st in osd["state"].items()},
+                        "param_groups": osd["param_groups"]},
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "hist_val": torch.from_numpy(hist_val.copy()),
+                "hist_train": torch.from_numpy(hist_train.copy()),
+                "best_flat": best_flat.cpu().clone(), "best_mse": best_mse.cpu().clone(),
+                "best_mae": best_mae.cpu().clone(), "best_epoch": best_epoch.cpu().clone(),
+                "best_train": best_train.cpu().clone(), "bad": bad.cpu().clone(),
+                "active": active.cpu().clone(), "gen": json.dumps(gen.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     inv = prog.inverse
     return TrainResult(
         nodes=nodes, params=best_flat.cpu().numpy()[inv].astype(np.float32),
@@ -282,6 +390,8 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
         seconds=time.perf_counter() - t0,
         info={"device": str(device), "padded_rows": prog.padded_rows,
               "real_rows": int(prog.sizes.sum()), "chunks": len(prog.chunks),
+              "resumed_from_epoch": resumed_from,
+              "checkpoints_saved": progress.saved if progress is not None else 0,
               "train_windows": int(len(tr)), "val_windows": int(len(va))})
 
 
@@ -399,25 +509,45 @@ def zoo_id_for(store, cfg: ZooConfig, prepared_ids: list[str],
     return store.id_for(ZOO_KIND, zoo_config(cfg, prepared_ids), [s.id for s in shards])
 
 
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    """``np.savez`` without its wall-clock zip timestamps: equal arrays, equal bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, a in arrays.items():
+            with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                        force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
 def train_shard(store, cfg: ZooConfig, spec: ShardSpec, *, device=None,
-                prepared: Prepared | None = None, log=None) -> str:
-    """Train one shard and commit it as a ``zoo-shard`` artifact (skipped if it exists)."""
+                prepared: Prepared | None = None, log=None, resumable: bool = False,
+                meta: dict | None = None, _on_step=None) -> str:
+    """Train one shard and commit it as a ``zoo-shard`` artifact (skipped if it exists).
+
+    ``resumable``: checkpoint mid-shard into the store every ``cfg.checkpoint_s`` seconds
+    and resume from such a checkpoint (see ``ShardProgress``); removed once committed.
+    ``meta``: extra manifest metadata (where it ran)."""
     if store.exists(spec.id):
         return spec.id
     p = prepared if prepared is not None else load_prepared(store, spec.prepared_id)
-    res = train_models(p, np.arange(spec.lo, spec.hi), cfg, device=device, log=log)
+    progress = ShardProgress(store, spec.id, cfg.checkpoint_s) \
+        if resumable and cfg.checkpoint_s is not None else None
+    res = train_models(p, np.arange(spec.lo, spec.hi), cfg, device=device, log=log,
+                       progress=progress, _on_step=_on_step)
     layout = make_layout(cfg.model)
-    buf = io.BytesIO()
-    np.savez(buf, nodes=res.nodes, params=res.params, best_epoch=res.best_epoch,
-             val_mse=res.val_mse, val_mae=res.val_mae, val_rmse=res.val_rmse,
-             train_loss=res.train_loss, history_val=res.history_val,
-             history_train=res.history_train)
+    data = _npz_bytes(nodes=res.nodes, params=res.params, best_epoch=res.best_epoch,
+                      val_mse=res.val_mse, val_mae=res.val_mae, val_rmse=res.val_rmse,
+                      train_loss=res.train_loss, history_val=res.history_val,
+                      history_train=res.history_train)
     with store.writer(SHARD_KIND, shard_config(cfg, spec.city, spec.lo, spec.hi),
                       [spec.prepared_id], label=f"{spec.city}[{spec.lo}:{spec.hi}]",
                       meta={"seconds": round(res.seconds, 3), "epochs_run": res.epochs_run,
-                            "host": socket.gethostname(), **res.info}) as w:
-        w.put_bytes("shard.npz", buf.getvalue())
+                            "host": socket.gethostname(), **res.info, **(meta or {})}) as w:
+        w.put_bytes("shard.npz", data)
         w.put_bytes("layout.json", _layout_json(layout))
+    if progress is not None:
+        progress.clear()
     return spec.id
 
 
@@ -434,14 +564,31 @@ def _layout_json(layout: ParamLayout) -> bytes:
     return json.dumps(d, indent=1).encode()
 
 
+def _fault_hook(fault: dict | None, spec: ShardSpec):
+    """Test only: ``fault = {"shard": id, "epoch": e, "step": s, "once_file": path}`` kills
+    the worker training shard ``id`` after step s of epoch e, once (``ray_utils.inject_fault``)."""
+    if not fault or fault.get("shard") != spec.id:
+        return None
+
+    def hook(ep: int, step: int) -> None:
+        if ep == fault.get("epoch", 1) and step == fault.get("step", 0):
+            ray_utils.inject_fault(fault)
+    return hook
+
+
 def _zoo_train_loop(config: dict) -> None:
-    """Ray Train worker: rank r trains pending shards r, r + W, ...; one report per round."""
+    """Ray Train worker: rank r trains pending shards r, r + W, ...; one report per round.
+    Shards already in the store are skipped, a shard with a mid-shard checkpoint resumes
+    from it, so a restarted worker group (``FailureConfig``) redoes at most the epochs
+    since the last checkpoint of the shards that were in flight."""
+    import ray
     import ray.train
 
     store, shards = config["store"], [ShardSpec(**s) for s in config["shards"]]
     cfg = ZooConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node = ray.get_runtime_context().get_node_id()
     torch.set_num_threads(max(1, cfg.cpus_per_worker))
     device = ray_utils.worker_device(cfg.device, config["use_gpu"])
     log = (lambda s: print(f"[zoo rank {rank}] {s}", flush=True)) if cfg.progress else None
@@ -455,17 +602,18 @@ def _zoo_train_loop(config: dict) -> None:
                 if spec.prepared_id not in cache:
                     cache = {spec.prepared_id: load_prepared(store, spec.prepared_id)}
                 train_shard(store, cfg, spec, device=device, prepared=cache[spec.prepared_id],
-                            log=log)
+                            log=log, resumable=True, meta={"ray_node": node, "rank": rank},
+                            _on_step=_fault_hook(config.get("fault"), spec))
                 trained = 1
-        ray.train.report({"round": r, "rank": rank, "trained": trained})
+        ray.train.report({"round": r, "rank": rank, "trained": trained, "node": node})
 
 
 def run_zoo(store, cfg: ZooConfig, prepared_ids: list[str], *, info: dict | None = None,
-            run_name: str | None = None) -> tuple[str, bool]:
+            run_name: str | None = None, _fault: dict | None = None) -> tuple[str, bool]:
     """Train (or resume) the zoo of ``prepared_ids`` on Ray Train; returns (zoo id, skipped).
 
     ``info`` (optional dict) receives shards_total / shards_done_before / shards_trained
-    and the Ray run name.
+    and the Ray run name. ``_fault``: test-only worker kill, see ``_fault_hook``.
     """
     info = info if info is not None else {}
     shards = plan_shards(store, cfg, prepared_ids)
@@ -479,7 +627,7 @@ def run_zoo(store, cfg: ZooConfig, prepared_ids: list[str], *, info: dict | None
     if pending:
         name = run_name or ray_utils.run_name("zoo", zid)
         info["ray_run"] = name
-        _fit(store, cfg, pending, name)
+        _fit(store, cfg, pending, name, fault=_fault)
         info["shards_trained"] = sum(store.exists(s.id) for s in pending)
     missing = [s.id for s in shards if not store.exists(s.id)]
     if missing:
@@ -489,7 +637,8 @@ def run_zoo(store, cfg: ZooConfig, prepared_ids: list[str], *, info: dict | None
     return zid, False
 
 
-def _fit(store, cfg: ZooConfig, pending: list[ShardSpec], name: str) -> None:
+def _fit(store, cfg: ZooConfig, pending: list[ShardSpec], name: str,
+         fault: dict | None = None) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -501,9 +650,11 @@ def _fit(store, cfg: ZooConfig, pending: list[ShardSpec], name: str) -> None:
     trainer = TorchTrainer(
         _zoo_train_loop,
         train_loop_config={"store": store, "cfg": cfg.model_dump(mode="json"),
-                           "shards": [s.to_dict() for s in pending], "use_gpu": use_gpu},
+                           "shards": [s.to_dict() for s in pending], "use_gpu": use_gpu,
+                           "fault": fault},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=res),
+                                               resources_per_worker=res,
+                                               placement_strategy=cfg.placement_strategy),
         run_config=ray_utils.run_config(store, name, max_failures=cfg.max_failures),
     )
     trainer.fit()
@@ -554,7 +705,8 @@ def write_zoo(store, cfg: ZooConfig, prepared_ids: list[str], shards: list[Shard
         w.put_bytes("layout.json", _layout_json(layout))
         w.put_json("model.json", cfg.model.model_dump(mode="json"))
         w.put_json("splits.json", splits)
-        w.put_json("config.json", cfg.model_dump(mode="json"))
+        # the fields that define the zoo: how it ran (workers, placement, ...) is not part of it
+        w.put_json("config.json", cfg.hashed_dict())
         w.put_json("shards.json", [s.to_dict() for s in shards])
     return w.id
 

@@ -1,7 +1,11 @@
 """The zoo engine: validation-based selection, fine-tuning, a real Ray Train run into S3,
-idempotence and resumption from shard artifacts. Real data: nyc_bike cut small."""
+idempotence and resumption from shard artifacts and mid-shard checkpoints, a worker
+SIGKILLed mid-epoch. Real data: nyc_bike cut small."""
 
 from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -10,8 +14,8 @@ import pytest
 from stgray.data.city import City, edges_from_dense, write_city
 from stgray.data.prepare import PrepareConfig, load_prepared, prepare, prepare_to_store
 from stgray.engines import ray_utils
-from stgray.engines.zoo import (SHARD_KIND, ZooConfig, finetune_nodes, load_zoo, plan_shards,
-                                predict_nodes, run_zoo, train_models)
+from stgray.engines.zoo import (SHARD_KIND, ShardProgress, ZooConfig, finetune_nodes, load_zoo,
+                                plan_shards, predict_nodes, run_zoo, train_models)
 from stgray.eval.metrics import forecast_metrics
 from stgray.nn.gpdiff.pernode import PerNodeArch, make_layout
 
@@ -83,20 +87,66 @@ def test_finetune_keeps_init_when_no_epoch_beats_it(small):
     assert m["mae"] == pytest.approx(float(np.mean(ft.val_mae)), rel=1e-4)
 
 
-def test_run_zoo_on_ray_into_s3_skips_and_resumes(ray_session, s3_store, datasets_dir):
-    store = s3_store
+class _Stop(Exception):
+    pass
+
+
+def test_mid_shard_checkpoint_resumes_bit_for_bit(small, tmp_path):
+    """Training interrupted mid-epoch resumes from the last epoch checkpointed in the store
+    (parameters, Adam, best-epoch bookkeeping, RNGs -- GWN's dropout draws too) and ends
+    exactly where an uninterrupted run ends; a torn checkpoint is not trusted."""
+    from stgray.store import ArtifactStore
+
+    st = ArtifactStore(str(tmp_path / "store"))
+    cfg = ZooConfig(model=PerNodeArch(arch="gwn"), epochs=2, lr=3e-3, checkpoint_s=0)
+    nodes = np.array([6, 1, 4])
+    ref = train_models(small, nodes, cfg, device="cpu")
+
+    def stop(ep, step):
+        if (ep, step) == (2, 2):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_models(small, nodes, cfg, device="cpu", progress=ShardProgress(st, "zoo-shard/" + "a" * 16, 0),
+                     _on_step=stop)
+    prog = ShardProgress(st, "zoo-shard/" + "a" * 16, 0)
+    assert prog.load()["epoch"] == 1
+    res = train_models(small, nodes, cfg, device="cpu", progress=prog)
+    assert res.info["resumed_from_epoch"] == 1  # epoch 1 not redone
+    for k in ("params", "best_epoch", "val_mse", "train_loss", "history_val", "history_train"):
+        np.testing.assert_array_equal(getattr(res, k), getattr(ref, k), err_msg=k)
+    st.fs.pipe_file(prog.path, st.fs.cat_file(prog.path)[:200])  # torn: starts over
+    assert prog.load() is None
+
+
+def _import_small(store, datasets_dir) -> str:
     city = nyc_bike(datasets_dir, days=30, nodes=8)
     with store.writer("city", {"test": "nyc_bike 30d 8 nodes"}, label=city.name) as w:
         write_city(w, city)
-    pid, _ = prepare_to_store(store, w.id, PrepareConfig(), "source")
+    return prepare_to_store(store, w.id, PrepareConfig(), "source")[0]
+
+
+@pytest.fixture(scope="module")
+def zoo_run(ray_session, s3_server, datasets_dir):
+    """One fault-free zoo run on Ray Train into S3 (2 workers, 2 shards of 4 nodes)."""
+    from stgray.store import ArtifactStore
+
+    store = ArtifactStore(f"s3://{s3_server.bucket}/zoo-{uuid.uuid4().hex[:10]}")
+    pid = _import_small(store, datasets_dir)
     cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), epochs=2, lr=1e-3, nodes_per_shard=4,
                     num_workers=2, use_gpu="auto", max_failures=1)
+    info: dict = {}
+    zid, skipped = run_zoo(store, cfg, [pid], info=info)
+    return SimpleNamespace(store=store, pid=pid, cfg=cfg, zid=zid, skipped=skipped, info=info,
+                           files={k: f.sha256 for k, f in store.manifest(zid).files.items()})
+
+
+def test_run_zoo_on_ray_into_s3_skips_and_resumes(zoo_run):
+    store, pid, cfg, zid, info = zoo_run.store, zoo_run.pid, zoo_run.cfg, zoo_run.zid, zoo_run.info
     shards = plan_shards(store, cfg, [pid])
     assert [(s.lo, s.hi) for s in shards] == [(0, 4), (4, 8)]
 
-    info: dict = {}
-    zid, skipped = run_zoo(store, cfg, [pid], info=info)
-    assert not skipped and info["shards_trained"] == 2 and info["shards_done_before"] == 0
+    assert not zoo_run.skipped and info["shards_trained"] == 2 and info["shards_done_before"] == 0
     z = load_zoo(store, zid)
     assert z.params.shape == (8, 16_960) and z.params.dtype == np.float32
     assert z.layout.arch_hash == make_layout(cfg.model).arch_hash
@@ -137,3 +187,60 @@ def test_run_zoo_on_ray_into_s3_skips_and_resumes(ray_session, s3_store, dataset
         assert after.created == before[s.id].created and after.files == before[s.id].files
     np.testing.assert_array_equal(load_zoo(store, zid).params, z.params)
     assert len(store.ls(SHARD_KIND)) == 2
+
+
+def test_zoo_worker_killed_mid_epoch_resumes_from_store(zoo_run, s3_server, datasets_dir, tmp_path):
+    """Issue 7.1: the worker training the second shard is SIGKILLed mid-epoch 2. Ray Train
+    (FailureConfig) restarts the worker group; the first shard, already committed, is not
+    retrained and the second resumes after epoch 1 from its checkpoint in S3. The zoo is
+    the fault-free run's, bit for bit (same id, same objects)."""
+    from stgray.store import ArtifactStore
+
+    store = ArtifactStore(f"s3://{s3_server.bucket}/zoo-fault-{uuid.uuid4().hex[:10]}")
+    pid = _import_small(store, datasets_dir)
+    assert pid == zoo_run.pid
+    # one worker: shard 0 in round 0, shard 1 in round 1; execution-only changes, same zoo id
+    cfg = zoo_run.cfg.model_copy(update={"num_workers": 1, "checkpoint_s": 0})
+    shards = plan_shards(store, cfg, [pid])
+    fired = tmp_path / "fault-fired"
+    fault = {"shard": shards[1].id, "epoch": 2, "step": 1, "mode": "kill", "once_file": str(fired)}
+    info: dict = {}
+    zid, skipped = run_zoo(store, cfg, [pid], info=info, _fault=fault)
+    assert fired.exists() and not skipped and zid == zoo_run.zid
+    assert info["shards_trained"] == 2
+
+    # resumed, not redone: shard 0 was written once (one attempt folder) before the kill;
+    # shard 1 went on after epoch 1 and wrote once; its scratch checkpoint is gone
+    metas = [store.manifest(s.id).meta for s in shards]
+    assert [m["resumed_from_epoch"] for m in metas] == [0, 1]
+    assert [m["epochs_run"] for m in metas] == [2, 2]
+    for s in shards:
+        attempts = [p for p in store.fs.ls(store._dir(s.id), detail=False)
+                    if not p.endswith("MANIFEST.json")]
+        assert len(attempts) == 1, attempts
+    assert not store.fs.exists(ShardProgress(store, shards[1].id).path)
+
+    # the same artifact as without the fault: every object equal, metrics equal
+    assert {k: f.sha256 for k, f in store.manifest(zid).files.items()} == zoo_run.files
+    a, b = load_zoo(store, zid), load_zoo(zoo_run.store, zoo_run.zid)
+    assert a.params.shape == b.params.shape == (8, 16_960)
+    assert a.metrics["node"].tolist() == b.metrics["node"].tolist() == list(range(8))
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.metrics["val_mae"], b.metrics["val_mae"])
+    print(f"val MAE mean with fault {a.metrics['val_mae'].mean():.6f}, "
+          f"without {b.metrics['val_mae'].mean():.6f}")
+
+
+def test_run_configs_carry_no_credentials(s3_store, s3_server):
+    """Issue 7.6: what the engines hand Ray Train (run config, runtime env, the pickled
+    storage filesystem) holds no key; workers take credentials from their own node."""
+    import pickle
+
+    from stgray.engines import common
+
+    for rc in (ray_utils.run_config(s3_store, "zoo-x", max_failures=1),
+               common.run_config(s3_store, "stgp-x", 1)):
+        assert not (getattr(rc, "worker_runtime_env", None) or {}).get("env_vars")
+        blob = pickle.dumps(rc)
+        assert s3_server.secret_key.encode() not in blob
+        assert s3_server.access_key.encode() not in blob
