@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(VENV)/bin/stgray run $(CONFIG)
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+	RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --mode full

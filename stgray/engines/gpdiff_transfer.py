@@ -1,7 +1,8 @@
 """GPDiff transfer to the target: generate per-node parameters from the target's prompts,
 pick each node's sample on validation (zero-shot), fine-tune it on the train days
-(few-shot), and compare with per-node models trained on the target alone; the test split
-is evaluated once per method at the end.
+(few-shot), and compare with per-node models trained on the target alone and with the
+pooled-source baseline (one model shared by all source nodes, fine-tuned per target node:
+``engines/pooled.py``); the test split is evaluated once per method at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class TransferConfig(StageConfig):
     sampling_steps: int = Field(50, gt=0)
     finetune_epochs: int = Field(20, ge=0)
     scratch_epochs: int = Field(20, ge=0)
+    pooled_epochs: int = Field(20, ge=0, description="epochs of the pooled-source baseline on the "
+                               "sources (0: no pooled row); fine-tuned for finetune_epochs")
     seed: int = 0
     device: str = "cpu"
 
@@ -78,9 +81,21 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
     t0 = time.perf_counter()
     scratch = train_models(p, nodes, zoo_cfg, epochs=cfg.scratch_epochs).params
     scratch_s = time.perf_counter() - t0
+    methods = [("GPDiff zero-shot", zero, 0.0), ("GPDiff few-shot", few, few_s),
+               ("target-only per-node (scratch)", scratch, scratch_s)]
+    pooled_info = None
+    if cfg.pooled_epochs:
+        from stgray.engines.pooled import train_pooled
+
+        t0 = time.perf_counter()
+        zoo = load_zoo(store, zoo_id)
+        sources = [load_prepared(store, pid) for pid in zoo.splits]
+        vec, pooled_info = train_pooled(sources, zoo_cfg, cfg.pooled_epochs, device=cfg.device)
+        pooled = finetune_nodes(p, np.repeat(vec[None], n, 0), zoo_cfg, cfg.finetune_epochs,
+                                node_ids=nodes) if cfg.finetune_epochs else np.repeat(vec[None], n, 0)
+        methods.append(("pooled sources + fine-tune", pooled, time.perf_counter() - t0))
     rows, preds = [], {}
-    for method, params, secs in (("GPDiff zero-shot", zero, 0.0), ("GPDiff few-shot", few, few_s),
-                                 ("target-only per-node (scratch)", scratch, scratch_s)):
+    for method, params, secs in methods:
         vm = forecast_metrics(predict_nodes(p, params, zoo_cfg, nodes, va), va_true, per_horizon=False)
         pred = predict_nodes(p, params, zoo_cfg, nodes, te)  # the one test evaluation
         m = forecast_metrics(pred, te_true)
@@ -94,7 +109,8 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
                                     f"({len(trained)} models) vs generated zero-shot ({n})")
     meta = {"rows": rows, "sampling_seconds": info.get("sampling_seconds"), "sampler": cfg.sampler,
             "sampling_steps": cfg.sampling_steps, "val_mae_of_samples_mean": float(np.nanmean(
-                np.where(np.isfinite(cand), cand, np.nan))), "nonfinite_samples": int((~np.isfinite(cand)).sum())}
+                np.where(np.isfinite(cand), cand, np.nan))), "nonfinite_samples": int((~np.isfinite(cand)).sum()),
+            "pooled": pooled_info}
     with store.writer(TRANSFER_KIND, config, inputs, label=f"{p.name} gpdiff", meta=meta) as w:
         for name, arr in (("zero_shot_params.npy", zero), ("few_shot_params.npy", few),
                           ("test_preds_few_shot.npy", preds["GPDiff few-shot"])):

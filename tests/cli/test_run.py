@@ -24,7 +24,8 @@ TINY_PIPELINE = {
     "tokens": {"width": 256},
     "diffusion": {"token_width": 256, "d_model": 16, "layers": 1, "heads": 2, "train_steps": 10,
                   "batch_size": 4, "lr": 0.001},
-    "gpdiff": {"samples_per_node": 2, "sampling_steps": 3, "finetune_epochs": 1, "scratch_epochs": 1},
+    "gpdiff": {"samples_per_node": 2, "sampling_steps": 3, "finetune_epochs": 1, "scratch_epochs": 1,
+               "pooled_epochs": 1},
 }
 
 
@@ -39,7 +40,7 @@ def test_run_pipeline_twice_skips(cli, s3_server, tmp_path):
     out = r.stdout
     for method in ("STGP (domain + task prompts)", "STGP full fine-tune", "historical average",
                    "persistence", "neighbour mean", "GPDiff zero-shot", "GPDiff few-shot",
-                   "target-only per-node (scratch)"):
+                   "target-only per-node (scratch)", "pooled sources + fine-tune"):
         assert method in out
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Results" in md and "forecast_vs_truth.png" in md

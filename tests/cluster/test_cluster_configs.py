@@ -567,7 +567,7 @@ def runtime_env_problems(env: dict, require_excludes: bool = True) -> list[str]:
 def test_runtime_env_content():
     env = _load(RUNTIME_ENV)
     assert runtime_env_problems(env) == []
-    assert env["env_vars"] == {"TQDM_DISABLE": "1"}
+    assert env["env_vars"] == {"TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_runtime_env_checks_catch_mistakes():
