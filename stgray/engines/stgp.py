@@ -18,8 +18,9 @@ import io
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -243,12 +244,42 @@ def run_stgp_pretrain(store, cfg: STGPPretrainConfig, prepared_ids: list[str],
     return aid, False
 
 
-def load_pretrained(store, pretrain_id: str) -> STGPModel:
+#: STGPModelConfig fields a prompt stage may change on a pre-trained model (sweeps):
+#: the banks are never trained in pre-training, so a bank of another size starts fresh.
+PROMPT_OVERRIDES = frozenset({"domain_prompts", "task_prompts", "prompt_threshold", "prompt_init_std"})
+
+
+def load_pretrained(store, pretrain_id: str, model_overrides: dict[str, Any] | None = None,
+                    init_seed: int = 0) -> STGPModel:
+    """The pre-trained model. ``model_overrides`` (keys in ``PROMPT_OVERRIDES``, e.g. a
+    sweep's bank size K or threshold) rebuild the model with those prompt settings: every
+    pre-trained weight is loaded, and a bank whose shape changed keeps its fresh
+    initialisation (seeded by ``init_seed``, without touching the global torch RNG)."""
     m = store.manifest(pretrain_id)
     mcfg = STGPModelConfig.model_validate(store.read_json(pretrain_id, "model_config.json", m))
-    model = STGPModel(mcfg)
     state = tensors_from_bytes(store.read_bytes(pretrain_id, "model.pt", m), f"{pretrain_id}/model.pt")
-    model.load_state_dict(state)
+    if not model_overrides:
+        model = STGPModel(mcfg)
+        model.load_state_dict(state)
+        return model
+    bad = sorted(set(model_overrides) - PROMPT_OVERRIDES)
+    if bad:
+        from stgray.errors import ConfigError
+
+        raise ConfigError(f"cannot override {bad} of a pre-trained model (only "
+                          f"{sorted(PROMPT_OVERRIDES)})", field="model_overrides")
+    mcfg = STGPModelConfig.model_validate({**mcfg.model_dump(mode="json"), **model_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = STGPModel(mcfg)
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = [k for k in state if k not in keep]
+    if any(not k.endswith(".prompts") for k in skipped):
+        raise RuntimeError(f"pre-trained weights do not fit: {skipped}")
+    missing = model.load_state_dict(keep, strict=False).missing_keys
+    if any(not k.endswith(".prompts") for k in missing):
+        raise RuntimeError(f"pre-trained weights miss {missing}")
     return model
 
 
@@ -280,10 +311,26 @@ def run_stgp_domain(store, cfg: STGPPromptConfig, pretrain_id: str, target_id: s
     aid = store.id_for(DOMAIN_KIND, cfg.hashed_dict(), [pretrain_id, target_id])
     if store.exists(aid):
         return aid, True
+    r = train_stgp_domain(store, cfg, pretrain_id, target_id)
+    with store.writer(DOMAIN_KIND, cfg.hashed_dict(), [pretrain_id, target_id], label=f"{r['name']} domain prompts",
+                      meta={"best_val_loss": r["best_val_loss"], "seconds": r["seconds"],
+                            "frozen_fingerprint": r["frozen_fingerprint"],
+                            "trainable_params": r["trainable_params"]}) as w:
+        w.put_bytes("prompts.pt", tensors_to_bytes(r["state"]))
+        w.put_json("history.json", r["history"])
+    return aid, False
+
+
+def train_stgp_domain(store, cfg: STGPPromptConfig, pretrain_id: str, target_id: str, *,
+                      model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Domain prompting without writing anything: returns ``state`` (the best epoch's bank
+    tensors), ``best_val_loss`` (masked-reconstruction MAE, normalised units), ``history``,
+    ``seconds``, ``trainable_params``, ``frozen_fingerprint`` and the target's ``name``.
+    ``model_overrides``: prompt settings of the model (see ``load_pretrained``)."""
     pre_m = store.manifest(pretrain_id)
     pcfg = STGPPretrainConfig.model_validate(pre_m.config)
     device = resolve_device(cfg.device)
-    model = load_pretrained(store, pretrain_id).to(device)
+    model = load_pretrained(store, pretrain_id, model_overrides, cfg.seed).to(device)
     model.set_stage("domain")
     p = load_prepared(store, target_id)
     tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
@@ -313,12 +360,9 @@ def run_stgp_domain(store, cfg: STGPPromptConfig, pretrain_id: str, target_id: s
             best, best_state = val, _bank_state(model, "domain")
     secs = time.perf_counter() - t0
     _check_frozen(model, "domain", frozen_before)
-    with store.writer(DOMAIN_KIND, cfg.hashed_dict(), [pretrain_id, target_id], label=f"{p.name} domain prompts",
-                      meta={"best_val_loss": best, "seconds": secs, "frozen_fingerprint": frozen_before,
-                            "trainable_params": sum(q.numel() for q in params)}) as w:
-        w.put_bytes("prompts.pt", tensors_to_bytes(best_state))
-        w.put_json("history.json", hist)
-    return aid, False
+    return {"state": best_state, "best_val_loss": best, "history": hist, "seconds": secs,
+            "frozen_fingerprint": frozen_before, "trainable_params": sum(q.numel() for q in params),
+            "name": p.name}
 
 
 @torch.no_grad()
@@ -387,14 +431,63 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
     aid = store.id_for(TASK_KIND, config, inputs)
     if store.exists(aid):
         return aid, True
+    dom = tensors_from_bytes(store.read_bytes(domain_id, "prompts.pt"), domain_id) if domain_id else None
+    fit = fit_stgp_task(store, cfg, pretrain_id, dom, target_id, task, variant)
+    model, tgt, p, params, stage = fit.model, fit.tgt, fit.tgt.p, fit.params, fit.stage
+    best_state, hist, secs, frozen_before = fit.best_state, fit.history, fit.seconds, fit.frozen_fingerprint
+    model.load_state_dict(best_state, strict=False)
+    # the one test evaluation: real unobserved nodes, test period
+    te = _task_windows(tgt.tmpl, p, task, "test")
+    test_metrics, test_preds = _test(model, tgt, task, te)
+    meta = {"task": task, "variant": variant, "domain": bool(domain_id), "val_mae": fit.best_val_mae,
+            "best_epoch": int(np.argmin([h["val_mae"] for h in hist])), "train_seconds": secs,
+            "trainable_params": sum(q.numel() for q in params), "total_params": count_parameters(model),
+            "frozen_fingerprint": frozen_before, "prompts_active": model.prompts_active(),
+            "test": {k: v for k, v in test_metrics.items() if k != "horizon"}}
+    with store.writer(TASK_KIND, config, inputs, label=f"{p.name} {task} {variant}", meta=meta) as w:
+        w.put_bytes("params.pt", tensors_to_bytes(best_state))
+        w.put_json("history.json", hist)
+        w.put_json("metrics.json", test_metrics)
+        buf = io.BytesIO()
+        np.save(buf, test_preds, allow_pickle=False)
+        w.put_bytes("test_preds.npy", buf.getvalue())  # (windows, steps, scored nodes), data units
+    return aid, False
+
+
+@dataclass
+class TaskFit:
+    """What ``fit_stgp_task`` hands back (nothing written, test split untouched)."""
+
+    model: STGPModel                    # on its device, weights of the *last* epoch
+    tgt: "_Target"
+    stage: str
+    params: list                        # the trained parameters
+    best_state: dict[str, torch.Tensor]  # best-on-validation trained tensors (CPU)
+    best_val_mae: float                 # data units
+    history: list[dict[str, Any]]       # [{"epoch", "val_mae"}]
+    seconds: float
+    frozen_fingerprint: str
+
+
+def fit_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_state: dict[str, torch.Tensor] | None,
+                  target_id: str, task: TaskName, variant: Variant = "prompt", *,
+                  model_overrides: dict[str, Any] | None = None,
+                  on_epoch: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None,
+                  epochs: int | None = None) -> TaskFit:
+    """Task prompting (or full fine-tuning) with epoch selection on validation; writes
+    nothing and never touches the test split. ``domain_state``: trained domain banks (or
+    None: one-stage). ``model_overrides``: prompt settings (see ``load_pretrained``).
+    ``on_epoch(record, best_state)`` after each epoch's validation (record: epoch,
+    val_mae, best_val_mae in data units), e.g. to report to Ray Tune. ``epochs``: override
+    the config's epoch count."""
     pcfg = STGPPretrainConfig.model_validate(store.manifest(pretrain_id).config)
     device = resolve_device(cfg.device)
-    model = load_pretrained(store, pretrain_id).to(device)
-    if domain_id:
-        _load_bank_state(model, tensors_from_bytes(store.read_bytes(domain_id, "prompts.pt"), domain_id))
+    model = load_pretrained(store, pretrain_id, model_overrides, cfg.seed).to(device)
+    if domain_state:
+        _load_bank_state(model, domain_state)
     stage = "finetune" if variant == "finetune" else ("task_extrapolation" if task == "extrapolation" else "task")
     model.set_stage(stage)
-    if domain_id and variant == "prompt":
+    if domain_state and variant == "prompt":
         model.set_prompts(domain=True)  # the trained domain banks stay on (frozen) under the task banks
     params = model.parameters_for(stage)
     frozen_before = frozen_fingerprint(model, stage)
@@ -432,7 +525,8 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
                 enc_cache[j] = torch.cat([_encode(model, tgt, st[i:i + 32], m[i:i + 32])
                                           for i in range(0, len(st), 32)])
     lr = cfg.finetune_lr if variant == "finetune" else cfg.lr
-    epochs = cfg.finetune_epochs if variant == "finetune" else cfg.task_epochs
+    if epochs is None:
+        epochs = cfg.finetune_epochs if variant == "finetune" else cfg.task_epochs
     opt = torch.optim.Adam(params, lr=lr)
     use_amp = amp_enabled(device, cfg.amp)
     best, best_state, hist = math.inf, None, []
@@ -458,25 +552,34 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
         if val < best:
             best = val
             best_state = {n: q.detach().cpu().clone() for n, q in model.named_parameters_for(stage)}
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch, "val_mae": val, "best_val_mae": best}, best_state)
     secs = time.perf_counter() - t0
     _check_frozen(model, stage, frozen_before)
-    model.load_state_dict(best_state, strict=False)
-    # the one test evaluation: real unobserved nodes, test period
-    te = _task_windows(tmpl, p, task, "test")
-    test_metrics, test_preds = _test(model, tgt, task, te)
-    meta = {"task": task, "variant": variant, "domain": bool(domain_id), "val_mae": best,
-            "best_epoch": int(np.argmin([h["val_mae"] for h in hist])), "train_seconds": secs,
-            "trainable_params": sum(q.numel() for q in params), "total_params": count_parameters(model),
-            "frozen_fingerprint": frozen_before, "prompts_active": model.prompts_active(),
-            "test": {k: v for k, v in test_metrics.items() if k != "horizon"}}
-    with store.writer(TASK_KIND, config, inputs, label=f"{p.name} {task} {variant}", meta=meta) as w:
-        w.put_bytes("params.pt", tensors_to_bytes(best_state))
-        w.put_json("history.json", hist)
-        w.put_json("metrics.json", test_metrics)
-        buf = io.BytesIO()
-        np.save(buf, test_preds, allow_pickle=False)
-        w.put_bytes("test_preds.npy", buf.getvalue())  # (windows, steps, scored nodes), data units
-    return aid, False
+    return TaskFit(model, tgt, stage, params, best_state, best, hist, secs, frozen_before)
+
+
+def evaluate_stgp_test(store, pretrain_id: str, target_id: str, task: TaskName, *,
+                       task_state: dict[str, torch.Tensor], domain_state: dict[str, torch.Tensor] | None = None,
+                       variant: Variant = "prompt", model_overrides: dict[str, Any] | None = None,
+                       device: str = "auto", seed: int = 0) -> tuple[dict, np.ndarray]:
+    """Test metrics and predictions of trained prompts (e.g. a sweep's winner): the one
+    test evaluation, with the real unobserved nodes. States as ``fit_stgp_task`` /
+    ``train_stgp_domain`` return them."""
+    pcfg = STGPPretrainConfig.model_validate(store.manifest(pretrain_id).config)
+    dev = resolve_device(device)
+    model = load_pretrained(store, pretrain_id, model_overrides, seed).to(dev)
+    if domain_state:
+        _load_bank_state(model, domain_state)
+    stage = "finetune" if variant == "finetune" else ("task_extrapolation" if task == "extrapolation" else "task")
+    model.set_stage(stage)
+    if domain_state and variant == "prompt":
+        model.set_prompts(domain=True)
+    _load_bank_state(model, task_state)
+    p = load_prepared(store, target_id)
+    tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
+    tgt = _Target(p, model, tmpl, dev)
+    return _test(model, tgt, task, _task_windows(tmpl, p, task, "test"))
 
 
 def _encode(model, tgt: _Target, starts, mask):
