@@ -33,7 +33,18 @@ def import_city(store, name_or_path: str | Path, *, fmt: str | None = None,
 
     ``skipped`` is True when the same source files (by SHA-256) and options were already
     imported: the stored city is read back instead of parsing the files again.
+    A name ``synth:key=value:...`` is a synthetic city (``stgray.data.synthetic``),
+    generated from its parameters instead of read from files.
     """
+    from stgray.data import synthetic
+
+    if synthetic.is_synthetic(str(name_or_path)):  # "synth:nodes=1000:seed=0": generated
+        if fmt or options:
+            from stgray.errors import DataError
+
+            raise DataError("a synthetic city takes no format or file options (its name holds "
+                            "its parameters)", where=str(name_or_path))
+        return synthetic.import_synthetic(store, str(name_or_path))
     r = resolve(name_or_path, fmt=fmt, options=options, data_dir=data_dir)
     config = city_config(r)
     aid = store.id_for(CITY_KIND, config)
