@@ -45,7 +45,7 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
-def test_sweep_killed_midway_resumes_without_rerunning(s3_server, cli, tmp_path):
+def test_sweep_killed_midway_resumes_without_rerunning(s3_server, cli, tmp_path, request):
     from stgray.store import ArtifactStore
     from stgray.sweeps.config import experiment_name, load_sweep
     from stgray.sweeps.driver import saved_trials, sweep_paths
@@ -55,6 +55,7 @@ def test_sweep_killed_midway_resumes_without_rerunning(s3_server, cli, tmp_path)
     cfg_path.write_text(yaml.safe_dump({**SWEEP, "base": str(BASE), "stgp": {"task_epochs": 4}}))
     store_url = f"s3://{s3_server.bucket}/{SHARED_PREFIX}"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     env = {**os.environ, "STGRAY_SWEEP_DIR": str(tmp_path / "optuna"), "STGRAY_RAY_TMP": ray_tmp}
     name = experiment_name(*load_sweep(cfg_path, {"store": store_url}))
     store = ArtifactStore(store_url)
@@ -90,7 +91,6 @@ def test_sweep_killed_midway_resumes_without_rerunning(s3_server, cli, tmp_path)
     t0 = time.monotonic()
     r = cli("sweep", "run", str(cfg_path), "--store", store_url, "--report", env=env, timeout=600)
     second_s = time.monotonic() - t0
-    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "(resuming;" in r.stdout
     summary = json.loads(store.fs.cat_file(f"{paths.sweep_dir}/summary.json"))
