@@ -618,7 +618,7 @@ def _sweep_trials(name: str, res: dict) -> list[str]:
     md = [f"Target: {res.get('target', '?')}. Every trial is scored on validation; each sweep's "
           "winner is evaluated once on test by its report.", ""]
     if res.get("summary"):
-        md += table([res["summary"]])
+        md += table([{"summary": k.replace("_", " "), "value": v} for k, v in res["summary"].items()])
     runs = []
     for method, r in (res.get("runs") or {}).items():
         wt = r.get("winner_test") or {}
@@ -634,8 +634,11 @@ def _sweep_trials(name: str, res: dict) -> list[str]:
         rs = [r for r in rows if r["sweep"] == method]
         cols = [c for c in rs[0] if c != "sweep" and any(r.get(c) is not None for r in rs)]
         md += [f"Trials of the {method} sweep:", ""] + table(rs, cols)
-    stgp = [r for r in rows if r["sweep"] == "stgp"]
-    gp = [r for r in rows if r["sweep"] == "gpdiff"]
+    ok = [r for r in rows if not r.get("diverged")]
+    if len(ok) < len(rows):
+        md += [f"Plots leave out the {len(rows) - len(ok)} diverged trial(s).", ""]
+    stgp = [r for r in ok if r["sweep"] == "stgp"]
+    gp = [r for r in ok if r["sweep"] == "gpdiff"]
     panels = [(stgp, "task_K", "val_mae", "prompting", "STGP: validation MAE vs prompt-bank size K"),
               (gp, "diffusion_steps", "val_mae", "sampler", "GPDiff: validation MAE vs diffusion training steps"),
               (gp, "sampling_steps", "val_mae", "sampler", "GPDiff: validation MAE vs sampling steps"),
