@@ -143,13 +143,13 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         val_sets.append((s, tmpl.pretrain_mask(len(s), p.num_nodes, cfg.mask_patch, cfg.mask_node, g)))
     fault = c.get("fault") or {}
     for epoch in range(start_epoch, cfg.epochs):
-        if fault.get("epoch") == epoch and rank == fault.get("rank", 0):
-            _inject_fault(fault)
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
         model.train()
         t0, n_win, tot = time.perf_counter(), 0, 0.0
         for step in range(cfg.steps_per_epoch):
+            if fault.get("epoch") == epoch and fault.get("step", 0) == step and rank == fault.get("rank", 0):
+                _inject_fault(fault)
             ci = (step * world + rank) % len(cities)
             p, starts = cities[ci], rng.choice(train_starts[ci], cfg.batch_size)
             b = tmpl.batch(p, starts, device)
@@ -213,8 +213,8 @@ def run_stgp_pretrain(store, cfg: STGPPretrainConfig, prepared_ids: list[str],
                       fault: dict | None = None) -> tuple[str, bool]:
     """Pre-train on the source cities with Ray Train; artifact = best-on-validation weights.
 
-    ``fault`` (tests only): ``{"epoch": e, "mode": "kill"|"raise"}`` kills rank 0 at the
-    start of epoch e on the first attempt; the run must resume from its last checkpoint."""
+    ``fault`` (tests only): ``{"epoch": e, "step": s, "mode": "kill"|"raise"}`` kills rank 0 before
+    step s (default 0) of epoch e on the first attempt; the run must resume from its last checkpoint."""
     from ray.train.torch import TorchTrainer
 
     aid = store.id_for(PRETRAIN_KIND, cfg.hashed_dict(), prepared_ids)

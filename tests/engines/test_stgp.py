@@ -76,12 +76,12 @@ def test_pretrain_prompt_all_tasks(ray_session, prepared_pair, s3_store):
 
 
 def test_pretrain_resumes_after_worker_killed(ray_session, prepared_pair, tmp_path):
-    """A worker SIGKILLed at the start of epoch 1: Ray Train restarts it from the epoch-0
-    checkpoint in the store and the run finishes with each epoch trained once."""
+    """A worker SIGKILLed mid-epoch (epoch 1, after its first step): Ray Train restarts it
+    from the epoch-0 checkpoint in the store and the run finishes with each epoch once."""
     st, ps, _ = prepared_pair
     cfg = STGPPretrainConfig(model=TINY, epochs=2, steps_per_epoch=3, batch_size=4, num_workers=1,
                              max_failures=1, seed=7)
-    pid, skipped = run_stgp_pretrain(st, cfg, [ps], fault={"epoch": 1, "mode": "kill",
+    pid, skipped = run_stgp_pretrain(st, cfg, [ps], fault={"epoch": 1, "step": 1, "mode": "kill",
                                                           "once_file": str(tmp_path / "fault-fired")})
     assert not skipped
     hist = st.read_json(pid, "history.json")
