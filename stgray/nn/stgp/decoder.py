@@ -10,9 +10,12 @@ and updates x = LayerNorm(x + h) (the last layer only feeds its skip, so it has 
 The head maps the summed skips of each cell back to its L steps. ``blocks`` x
 ``len(dilations)`` layers (reference: 2 x (1, 2, 4)).
 
-Diffusions: a dense graph (the usual city sizes) stacks [S1, S1^2, S2, S2^2] into one
-(4N, N) matrix, one matmul per layer; a sparse one (``STGraph`` decides by edge density)
-runs CSR products with precomputed transposes for the backward pass.
+Diffusions (:class:`_GraphConv`, one autograd node per layer): a dense graph stacks
+[S1, S1^2, S2, S2^2] into one (4N, N) matrix, one matmul; a sparse one (``STGraph``
+decides by edge density) chains two CSR products, [S1; S2] x then blockdiag(S1, S2) on
+that, with precomputed transposes for the backward pass. Every weight block multiplies
+its diffusion in place into one output, and the backward pass writes the diffusions'
+gradients straight into one buffer: no concatenation, no stack, no zero-filled slices.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stgray.nn.stgp.encoder import FastDropout, STGraph
+from stgray.nn.stgp.kernels import GatedMix, compute_dtype
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,22 +59,104 @@ def diffuse(support: Tensor, x: Tensor, support_t: Tensor | None = None) -> Tens
                 y = _SpMM.apply(support, support_t, xf)
             else:
                 y = torch.sparse.mm(support, xf)
-        return y.to(x.dtype).view(x.shape)
+        return y.to(x.dtype).view(support.shape[0], *x.shape[1:])
     return torch.mm(support.to(x.dtype), flat).view(support.shape[0], *x.shape[1:])
+
+
+def _op_mm(op: Tensor, x: Tensor) -> Tensor:
+    """``op @ x`` for a dense or CSR ``op``; CSR products run in fp32 (no bf16 kernel)."""
+    if op.layout != torch.strided:
+        return torch.sparse.mm(op, x.float())
+    return torch.mm(op.to(x.dtype), x)
+
+
+class _GraphConv(torch.autograd.Function):
+    """``y = b + x W_0^T + sum_j h_j W_j^T`` on node-major x (N, R, C), h_j the diffusions of
+    x (``STGraph.diffusion_levels``), W = [W_0, W_1, ..] the weight of
+    ``Linear((1 + 2 * order) * C, C)``. Returns (N * R, C) in x's dtype; sparse products run
+    in fp32. No gradient flows to the graph.
+
+    One autograd node: every weight block multiplies its diffusion in place into one output,
+    and the backward pass writes the diffusions' gradients into buffers of its own (no
+    concatenation, stack or zero-filled slice gradients)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, levels) -> Tensor:
+        n, c, dt = x.shape[0], weight.shape[0], x.dtype
+        out = torch.addmm(bias, x.reshape(-1, c), weight[:, :c].t())
+        x2 = x.reshape(n, -1)
+        outs, hs = [], []
+        for op, _, blocks, src in levels:
+            h = _op_mm(op, x2 if src < 0 else outs[src])  # (len(blocks) * N, R * C)
+            hd = h.view(len(blocks), -1, c).to(dt)
+            for i, j in enumerate(blocks):
+                out.addmm_(hd[i], weight[:, j * c:(j + 1) * c].t())
+            outs.append(h)
+            hs.append(hd)
+        ctx.levels = levels
+        ctx.save_for_backward(x, weight, *hs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        with torch.autocast(g.device.type, enabled=False):
+            return _GraphConv._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
+        x, weight, *hs = ctx.saved_tensors
+        levels = ctx.levels
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, c = x.shape[0], weight.shape[0]
+        g = g.to(x.dtype).contiguous()
+        gx = gw = gb = None
+        if need_w:
+            gw = torch.empty_like(weight)
+            gw[:, :c] = g.t() @ x.reshape(-1, c)
+            for (_, _, blocks, _), hd in zip(levels, hs):
+                for i, j in enumerate(blocks):
+                    gw[:, j * c:(j + 1) * c] = g.t() @ hd[i]
+        if need_b:
+            gb = g.sum(0)
+        if need_x:
+            # gradient w.r.t. each level's output: its own weight blocks, plus what flows back
+            # from the levels that read it (later in the list)
+            grads: list[Tensor | None] = [None] * len(levels)
+            gx = torch.mm(g, weight[:, :c])
+            gx2 = gx.view(n, -1)
+            for lvl in range(len(levels) - 1, -1, -1):
+                op, op_t, blocks, src = levels[lvl]
+                gh = torch.empty(len(blocks), g.shape[0], c, dtype=g.dtype, device=g.device)
+                for i, j in enumerate(blocks):
+                    torch.mm(g, weight[:, j * c:(j + 1) * c], out=gh[i])
+                gh = gh.view(len(blocks) * n, -1)
+                if grads[lvl] is not None:
+                    gh = grads[lvl].add_(gh) if grads[lvl].dtype == gh.dtype else gh.add_(grads[lvl].to(gh.dtype))
+                back = _op_mm(op_t, gh)  # gradient w.r.t. this level's input
+                if src < 0:
+                    gx2.add_(back.to(gx2.dtype))
+                elif grads[src] is None:
+                    grads[src] = back
+                else:
+                    grads[src].add_(back)
+            gx = gx.view(x.shape)
+        return gx, gw, gb, None
 
 
 class GatedSTLayer(nn.Module):
     """One decoder layer on node-major x (N, B, P, C).
 
     The dilated conv is a (1, k) ``Conv2d`` on a channels-last view of x (no copies; the
-    CPU's oneDNN kernel), the graph conv diffuses x and sums one matmul per diffusion
-    (``gcn`` holds the weights of ``Linear((1 + order * supports) * C, C)``; narrow
-    concatenations are slow on the CPU).
+    CPU's oneDNN kernel), the graph conv is :class:`_GraphConv` (``gcn`` holds the weights of
+    ``Linear((1 + order * supports) * C, C)``). Dropout's scale is folded into the skip
+    projection and the residual add (one ``masked_fill`` on h instead of two products).
     """
 
     def __init__(self, channels: int, skip_channels: int, dilation: int, kernel_size: int,
                  order: int, num_supports: int, dropout: float, last: bool = False):
         super().__init__()
+        if num_supports != 2:
+            raise ValueError("the graph conv runs on two supports (A and A^T)")
         self.channels, self.dilation, self.kernel_size, self.order = channels, dilation, kernel_size, order
         self.tcn = nn.Conv2d(channels, channels, (1, kernel_size), dilation=(1, dilation))
         self.gcn = nn.Linear((1 + order * num_supports) * channels, channels)
@@ -98,39 +184,31 @@ class GatedSTLayer(nn.Module):
         return y.permute(0, 2, 3, 1).reshape(N, B, P, C)
 
     def spatial(self, x: Tensor, graph: STGraph) -> Tensor:
-        """(N, B, P, C) -> (N*B*P, C): gcn([x, S1 x, S1^2 x, S2 x, S2^2 x]) as chained addmm."""
-        C, w = self.channels, self.gcn.weight.to(x.dtype)
-        out = torch.addmm(self.gcn.bias.to(x.dtype), x.reshape(-1, C), w[:, :C].t())
-        if graph.powers is not None:  # dense: every diffusion in one matmul
-            hs = diffuse(graph.powers, x).view(-1, x.numel() // C, C)
-            if hs.shape[0] != 2 * self.order:
-                raise ValueError(f"graph built for order {hs.shape[0] // 2}; the decoder uses {self.order}")
-            for j, h in enumerate(hs.unbind(0)):  # unbind: one gradient stack, not a zero-fill each
-                out = torch.addmm(out, h, w[:, (j + 1) * C:(j + 2) * C].t())
-            return out
-        j = 1
-        for a, a_t in zip(graph.supports, graph.supports_t):
-            h = x
-            for _ in range(self.order):
-                h = diffuse(a, h, a_t)
-                out = torch.addmm(out, h.reshape(-1, C), w[:, j * C:(j + 1) * C].t())
-                j += 1
-        return out
+        """(N, B, P, C) -> (N*B*P, C): gcn([x, S1 x, S1^2 x, S2 x, S2^2 x]) (under autocast:
+        in the autocast dtype)."""
+        dt = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _GraphConv.apply(x.reshape(x.shape[0], -1, self.channels).to(dt), self.gcn.weight.to(dt),
+                                    self.gcn.bias.to(dt), graph.diffusion_levels(self.order, dt))
 
     def forward(self, x: Tensor, graph: STGraph, skip: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, B, P, C), skip (N*B*P, skip) -> updated x and skip + W_skip h (no bias:
         the decoder adds all layers' skip biases once)."""
-        C, dt = self.channels, x.dtype  # runs in x's dtype (fp32 weights cast on the fly)
-        t = F.gelu(self.temporal(x).reshape(-1, C))
-        s = F.gelu(self.spatial(x, graph))
-        g = torch.addmm(self.gate_t.bias.to(dt), t, self.gate_t.weight.to(dt).t())
-        g = torch.sigmoid(torch.addmm(g, s, self.gate_s.weight.to(dt).t()))
-        h = self.drop(torch.addcmul(t, g, s - t))  # g * s + (1 - g) * t (fp32 lerp is slow)
-        skip = torch.addmm(skip, h, self.skip.weight.to(dt).t())
+        C, dt = self.channels, compute_dtype(x)  # fp32 weights cast on the fly
+        with torch.autocast(x.device.type, enabled=False):
+            tp = self.temporal(x.to(dt)).reshape(-1, C)
+        sp = self.spatial(x, graph)
+        keep = self.drop.keep_mask(sp)
+        h = GatedMix.apply(tp, sp, self.gate_t.weight.to(dt), self.gate_t.bias.to(dt),
+                           self.gate_s.weight.to(dt), keep)
+        scale = self.drop.scale if keep is not None else 1.0
+        skip = torch.addmm(skip, h, self.skip.weight.to(dt).t(), alpha=scale)
         if self.norm is None:
             return x, skip
         n = self.norm
-        return F.layer_norm(x + h.view(x.shape), n.normalized_shape, n.weight.to(dt), n.bias.to(dt), n.eps), skip
+        xd = x.dtype
+        return F.layer_norm(torch.add(x, h.view(x.shape), alpha=scale), n.normalized_shape,
+                            n.weight.to(xd), n.bias.to(xd), n.eps), skip
 
 
 class STGPHead(nn.Module):
@@ -169,13 +247,36 @@ class STGPDecoder(nn.Module):
         m = mask[..., None]
         return tokens + torch.where(m, self.task_masked.prompt(tokens), self.task_observed.prompt(tokens))
 
+    def prompted_input(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """``input(prompt(tokens, mask))`` (B, N, P, C) without the prompted (B, N, P, d) tokens:
+        input(t + s P) = input(t) + s (P W_in^T), with the two banks' scores s side by side
+        (the other bank's half zeroed at each cell): two thin products instead of two
+        d-wide prompt sums, a select and a d-wide input product (and their gradients)."""
+        w, b = self.input.weight, self.input.bias
+        x = F.linear(tokens, w, b)
+        banks = [(bank, sel) for bank, sel in ((self.task_masked, mask), (self.task_observed, ~mask)) if bank.active]
+        if not banks:
+            return x
+        prompts = torch.cat([bank.prompts for bank, _ in banks])  # (sum K, d)
+        scores = torch.sigmoid(tokens @ prompts.t())  # (B, N, P, sum K)
+        keep, i = [], 0
+        for bank, sel in banks:  # a bank's scores count at its cells and above its threshold
+            keep.append(sel[..., None] & (scores[..., i:i + bank.num_prompts] >= bank.threshold))
+            i += bank.num_prompts
+        keep = keep[0] if len(keep) == 1 else torch.cat(keep, -1)
+        scores = torch.where(keep, scores, 0.0)
+        return torch.addmm(x.reshape(-1, x.shape[-1]), scores.reshape(-1, scores.shape[-1]),
+                           prompts @ w.t()).view(x.shape)
+
     def forward(self, tokens: Tensor, mask: Tensor, graph: STGraph) -> Tensor:
         if tokens.shape[:3] != mask.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} disagree")
         # Node-major (N, B, P, C) inside: graph convs then need no transposes.
         dt = torch.bfloat16 if self.bf16 else torch.float32
-        x = self.input(self.prompt(tokens, mask).transpose(0, 1)).to(dt)
+        x = self.prompted_input(tokens, mask)  # (B, N, P, C): C < d, so transpose after
+        x = x.transpose(0, 1).contiguous().to(dt)
         skip = sum(layer.skip.bias for layer in self.layers).to(dt)
         for layer in self.layers:
             x, skip = layer(x, graph, skip)
         return self.head(skip.view(*x.shape[:3], -1).float()).transpose(0, 1)
+

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stgray.nn.stgp.kernels import BiasedAttention, GeluLinear, Linear, LNLinear, compute_dtype
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 # --- graph ------------------------------------------------------------------------------
+
+DENSE_COPY_NODES = 1024  # sparse graphs up to this size also keep the dense powers (bf16)
 
 @dataclass
 class STGraph:
@@ -40,12 +43,16 @@ class STGraph:
     in_degree / out_degree: (N,) int64 edge counts, clipped to ``max_degree - 1``.
     supports: [row-normalised A, row-normalised A^T] (= the column-normalised A,
         transposed), dense or sparse CSR; applied as ``x'_i = sum_j S[i, j] x_j``.
-    powers: dense graphs only: the stacked (2 * order * N, N) matrix
-        [S1, S1^2, .., S1^order, S2, .., S2^order]: one matmul gives every diffusion.
+    powers: the stacked dense (2 * order * N, N) matrix [S1, S1^2, .., S1^order, S2, ..,
+        S2^order] (one matmul gives every diffusion); dense graphs, and sparse ones of at
+        most ``DENSE_COPY_NODES`` nodes (bf16 compute uses it: no bf16 CSR kernel).
     supports_t: sparse graphs only: the supports' transposes (CSR), for the backward pass.
 
-    Graphs with an edge density below ``sparse_density`` are stored sparse (a 207-node
-    graph with 4% edges runs faster dense on the CPU; large city graphs need sparse).
+    Graphs with an edge density below ``sparse_density`` are stored sparse and diffuse by
+    chained CSR products in fp32. A sparse product costs about six dense multiply-adds per
+    stored weight on the CPU (fp32), so sparse wins below about 15% density: 2.7x on the
+    207-node los_loop graph (6% edges; 18% for S^2, which the sparse chain never forms).
+    In bf16 the dense product is about as fast as the fp32 sparse chain and needs no casts.
     """
 
     weight: Tensor
@@ -62,10 +69,10 @@ class STGraph:
 
     @property
     def sparse(self) -> bool:
-        return self.powers is None
+        return bool(self.supports_t)
 
     @classmethod
-    def from_adj(cls, adj, max_degree: int = 64, sparse_density: float = 0.02, order: int = 2) -> "STGraph":
+    def from_adj(cls, adj, max_degree: int = 64, sparse_density: float = 0.1, order: int = 2) -> "STGraph":
         a = torch.as_tensor(adj).detach().float()
         if a.dim() != 2 or a.shape[0] != a.shape[1]:
             raise ValueError(f"adjacency must be (N, N); got {tuple(a.shape)}")
@@ -79,23 +86,49 @@ class STGraph:
         in_deg = edge.sum(0).clamp(max=max_degree - 1)
         fwd, bwd = _row_normalise(weight), _row_normalise(weight.t())
         density = float(edge.sum()) / max(n * n, 1)
-        if density < sparse_density:
+        sparse = density < sparse_density
+        pows = None
+        if not sparse or n <= DENSE_COPY_NODES:
+            pows = []
+            for s in (fwd, bwd):
+                h = s
+                for k in range(order):
+                    pows.append(h)
+                    if k + 1 < order:
+                        h = s @ h
+            pows = torch.cat(pows)
+        if sparse:
             return cls(weight, edge, in_deg.long(), out_deg.long(), [_to_sparse(fwd), _to_sparse(bwd)],
-                       None, [_to_sparse(fwd.t()), _to_sparse(bwd.t())])
-        pows = []
-        for s in (fwd, bwd):
-            h = s
-            for k in range(order):
-                pows.append(h)
-                if k + 1 < order:
-                    h = s @ h
-        return cls(weight, edge, in_deg.long(), out_deg.long(), [fwd, bwd], torch.cat(pows))
+                       pows, [_to_sparse(fwd.t()), _to_sparse(bwd.t())])
+        return cls(weight, edge, in_deg.long(), out_deg.long(), [fwd, bwd], pows)
 
     def to(self, device) -> "STGraph":
         return STGraph(self.weight.to(device), self.edge.to(device), self.in_degree.to(device),
                        self.out_degree.to(device), [s.to(device) for s in self.supports],
                        None if self.powers is None else self.powers.to(device),
                        [s.to(device) for s in self.supports_t])
+
+    def diffusion_levels(self, order: int, dtype: torch.dtype = torch.float32
+                         ) -> list[tuple[Tensor, Tensor, tuple[int, ...], int]]:
+        """The graph convolution's diffusions as chained products ``[(op, op_t, blocks, src)]``.
+
+        A level applies ``op`` to x (N, F) (``src`` = -1) or to the output of level ``src``;
+        its output stacks ``len(blocks)`` (N, F) row blocks, block i being the diffusion that
+        weight block ``blocks[i]`` of ``Linear([x, S1 x, .., S1^order x, S2 x, ..])``
+        multiplies; ``op_t`` is op's transpose (backward pass). Dense (and low-precision
+        ``dtype`` when the dense copy exists): one level, the stacked powers; sparse:
+        S^k x = S (S^(k-1) x) per support. Stacking the two CSR supports into one product is
+        slower on the CPU than two products."""
+        if self.powers is not None and (not self.sparse or dtype in (torch.bfloat16, torch.float16)):
+            if self.powers.shape[0] != 2 * order * self.num_nodes:
+                raise ValueError(f"graph built for order {self.powers.shape[0] // (2 * self.num_nodes)}; "
+                                 f"the decoder uses {order}")
+            return [(self.powers, self.powers.t(), tuple(range(1, 2 * order + 1)), -1)]
+        levels = []
+        for i, (a, a_t) in enumerate(zip(self.supports, self.supports_t)):
+            for k in range(order):
+                levels.append((a, a_t, (1 + i * order + k,), -1 if k == 0 else len(levels) - 1))
+        return levels
 
 
 def _row_normalise(a: Tensor) -> Tensor:
@@ -107,12 +140,9 @@ def _to_sparse(a: Tensor) -> Tensor:
     """Dense (N, N) -> sparse CSR (what ``torch.sparse.mm`` runs fastest on the CPU)."""
     import warnings
 
-    from torch_geometric.utils import dense_to_sparse, to_torch_csr_tensor
-
-    index, value = dense_to_sparse(a.contiguous())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return to_torch_csr_tensor(index, value, size=a.shape[0])
+        return a.contiguous().to_sparse_csr()
 
 
 def as_graph(adj, cfg) -> STGraph:
@@ -159,9 +189,13 @@ class GraphormerBias(nn.Module):
 # --- transformer ------------------------------------------------------------------------
 
 class FastDropout(nn.Module):
-    """Inverted dropout drawing one random byte per element (``Tensor.random_`` on uint8),
-    about 3x faster on the CPU than ``nn.Dropout``'s Bernoulli draw. The drop probability is
-    rounded to a multiple of 1/256 (0.1 -> 26/256); outputs are scaled by 1/(1 - p_used)."""
+    """Inverted dropout from one random byte per element, about 3x faster on the CPU than
+    ``nn.Dropout``'s Bernoulli draw. The drop probability is rounded to a multiple of 1/256
+    (0.1 -> 26/256); kept outputs are scaled by ``scale`` = 1/(1 - p_used).
+
+    Layers fold the two steps into neighbouring ops: ``keep_mask`` gives the elements to keep
+    (one ``where``, forward and backward) and ``scale`` goes into the preceding linear's
+    weights or the following residual add."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -170,11 +204,33 @@ class FastDropout(nn.Module):
         self.p = p
         self._cut = int(round(p * 256))
 
+    @property
+    def scale(self) -> float:
+        return 256.0 / (256 - self._cut)
+
+    @property
+    def active(self) -> bool:
+        return self.training and self._cut > 0
+
+    def keep_mask(self, x: Tensor) -> Tensor | None:
+        """Bool, shape of x: True = keep (None when inactive: eval mode or p rounds to 0).
+        Apply it as ``torch.where(keep, x, 0)`` (vectorised; ``masked_fill`` is not).
+
+        Bytes come four to a draw (int32 over its full range, viewed as bytes): half the
+        generator calls of a uint8 draw."""
+        if not self.active:
+            return None
+        n = x.numel()
+        if n % 4 == 0:
+            r = torch.empty(n // 4, dtype=torch.int32, device=x.device).random_(-2 ** 31, 2 ** 31)
+            r = r.view(torch.uint8)
+        else:
+            r = torch.empty(n, dtype=torch.uint8, device=x.device).random_()
+        return (r >= self._cut).view(x.shape)
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self._cut == 0:
-            return x
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_() >= self._cut
-        return x * keep * (256.0 / (256 - self._cut))
+        keep = self.keep_mask(x)
+        return x if keep is None else torch.where(keep, x * self.scale, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -189,6 +245,11 @@ class EncoderLayer(nn.Module):
     shared by each of G consecutive groups of S / G sets. Dropout acts on the two
     residual branches only: dropout on attention weights or the FFN hidden layer would force
     the unfused attention path and two more CPU random draws per layer.
+
+    The products run in the fused functions of :mod:`stgray.nn.stgp.kernels` (LayerNorm +
+    linear and GELU + linear keep their inputs only; a trained attention bias recomputes the
+    probabilities in the backward pass), and the dropout scale is folded into the
+    residual branch's output weights.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
@@ -205,15 +266,20 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """Runs in x's dtype (parameters are cast on the fly: fp32 master weights, bf16 compute
-        when x is bf16)."""
+        when x is bf16; under autocast the products run in the autocast dtype)."""
         s, n, d = x.shape
         h = self.num_heads
-        q, k, v = _linear(self.qkv, _norm(self.norm1, x)).view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        # SDPA's fused CPU kernel takes no bias gradient (its fallback adds NaN guards that cost
-        # as much as the attention itself), and its bf16 backward is ~10x slower than the three
-        # plain ops below: use it in fp32 when the bias is frozen (prompt stages, no_grad).
-        fused = attn_mask is None or attn_mask.dtype == torch.bool or not attn_mask.requires_grad
-        if fused and q.dtype == torch.float32:
+        dt = compute_dtype(x)
+        n1 = self.norm1
+        qkv = LNLinear.apply(x, n1.weight.to(x.dtype), n1.bias.to(x.dtype), n1.eps,
+                             self.qkv.weight.to(dt), self.qkv.bias.to(dt))
+        q, k, v = qkv.view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
+            # trained Graphormer bias (pre-training): fused forward, probabilities recomputed
+            # in the backward pass instead of kept
+            a = BiasedAttention.apply(q, k, v, attn_mask)
+        elif q.dtype == torch.float32:
+            # SDPA's fused CPU kernel; its bf16 backward is ~10x slower than the plain ops below
             if attn_mask is not None and attn_mask.dim() == 5:  # one mask per group -> per set
                 g = attn_mask.shape[0]
                 attn_mask = attn_mask.expand(g, s // g, *attn_mask.shape[2:]).reshape(s, *attn_mask.shape[2:])
@@ -228,12 +294,28 @@ class EncoderLayer(nn.Module):
             elif attn_mask is not None:
                 scores = scores + attn_mask.to(scores.dtype)
             a = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(s, h, n, d // h)
-        x = x + self.drop(_linear(self.proj, a.transpose(1, 2).reshape(s, n, d)))
-        return x + self.drop(_linear(self.ff2, F.gelu(_linear(self.ff1, _norm(self.norm2, x)))))
+        x = x + self._dropped(Linear, self.proj, a.transpose(1, 2).reshape(s, n, d), dt)
+        n2 = self.norm2
+        u = LNLinear.apply(x, n2.weight.to(x.dtype), n2.bias.to(x.dtype), n2.eps,
+                           self.ff1.weight.to(dt), self.ff1.bias.to(dt))
+        return x + self._dropped(GeluLinear, self.ff2, u, dt)
+
+    def _dropped(self, fn, mod: nn.Linear, x: Tensor, dt: torch.dtype) -> Tensor:
+        """``dropout(fn(x; mod's weights))`` with the dropout scale folded into the weights:
+        one ``where`` instead of two multiplications, forward and backward."""
+        w, b = mod.weight, mod.bias
+        if not self.drop.active:
+            return fn.apply(x, w.to(dt), b.to(dt))
+        c = self.drop.scale
+        y = fn.apply(x, (w * c).to(dt), (b * c).to(dt))
+        return torch.where(self.drop.keep_mask(y), y, 0.0)
 
 
-def _linear(mod: nn.Linear, x: Tensor) -> Tensor:
-    return F.linear(x, mod.weight.to(x.dtype), mod.bias.to(x.dtype))
+def _linear(mod: nn.Linear, x: Tensor, scale: float | None = None) -> Tensor:
+    w, b = mod.weight, mod.bias
+    if scale is not None:
+        w, b = w * scale, b * scale
+    return F.linear(x, w.to(x.dtype), b.to(x.dtype))
 
 
 def _norm(mod: nn.LayerNorm, x: Tensor) -> Tensor:
@@ -250,21 +332,27 @@ class _Packing:
     length: int  # Lmax
     order: Tensor | None  # permutation from canonical cell order to packing order (None = identity)
     keys: Tensor  # (S,) the group key of each sequence
+    _padded: bool | None = None
 
     @property
     def padded(self) -> bool:
-        return bool((self.counts < self.length).any())
+        if self._padded is None:
+            self._padded = bool((self.counts < self.length).any())
+        return self._padded
 
     def pack(self, tokens: Tensor) -> Tensor:
-        """(V, d) canonical -> (S, Lmax, d); padding slots are zero."""
+        """(V, d) canonical -> (S, Lmax, d); padding slots are zero. Without padding the
+        packing order is the (permuted) canonical order: a view (after the permutation)."""
         if self.order is not None:
             tokens = tokens.index_select(0, self.order)
+        if not self.padded:
+            return tokens.view(self.counts.shape[0], self.length, tokens.shape[-1])
         out = tokens.new_zeros(self.counts.shape[0], self.length, tokens.shape[-1])
         return out.index_put((self.seq, self.pos), tokens)
 
     def unpack(self, packed: Tensor) -> Tensor:
         """(S, Lmax, d) -> (V, d) canonical."""
-        tokens = packed[self.seq, self.pos]
+        tokens = packed.reshape(-1, packed.shape[-1]) if not self.padded else packed[self.seq, self.pos]
         if self.order is None:
             return tokens
         inv = torch.empty_like(self.order)
@@ -376,8 +464,8 @@ class STGPEncoder(nn.Module):
             g = torch.addmm(torch.addmm(self.gate.bias, t_out, w[:, :d_].t()), s_out, w[:, d_:].t())
             g = torch.sigmoid(g)
             fused = torch.addcmul(s_out, g, t_out - s_out)  # g * T + (1 - g) * S
-        out = base[:, None].expand(B, N, P, d).reshape(B * N * P, d)
-        out = out.index_put((cells,), fused.to(out.dtype))
+        out = base[:, None].expand(B, N, P, d).contiguous().view(B * N * P, d)  # a fresh copy
+        out.index_put_((cells,), fused.to(out.dtype))
         return out.view(B, N, P, d)
 
     @property
