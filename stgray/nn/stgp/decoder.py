@@ -12,10 +12,14 @@ The head maps the summed skips of each cell back to its L steps. ``blocks`` x
 
 Diffusions (:class:`_GraphConv`, one autograd node per layer): a dense graph stacks
 [S1, S1^2, S2, S2^2] into one (4N, N) matrix, one matmul; a sparse one (``STGraph``
-decides by edge density) chains two CSR products, [S1; S2] x then blockdiag(S1, S2) on
-that, with precomputed transposes for the backward pass. Every weight block multiplies
-its diffusion in place into one output, and the backward pass writes the diffusions'
-gradients straight into one buffer: no concatenation, no stack, no zero-filled slices.
+decides by edge density) chains CSR products per support, S^k x = S (S^(k-1) x), in fp32,
+with precomputed transposes for the backward pass (in bf16 the dense copy of a small
+sparse graph is used instead). Every weight block multiplies its diffusion in place into
+one output, and the backward pass writes the diffusions' gradients into buffers of its
+own: no concatenation, no stack, no zero-filled slices.
+
+The gate, its GELUs and dropout run as one fused function (:class:`GatedMix`), and the
+dropout scale is folded into the skip projection and the residual add.
 """
 
 from __future__ import annotations
@@ -27,40 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stgray.nn.stgp.encoder import FastDropout, STGraph
-from stgray.nn.stgp.kernels import GatedMix, compute_dtype
+from stgray.nn.stgp.kernels import GatedMix, ReluMLP, compute_dtype
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
     from stgray.nn.stgp.model import STGPModelConfig
-
-
-class _SpMM(torch.autograd.Function):
-    """``a @ x`` for a sparse CSR ``a`` whose transpose is precomputed (no gradient to ``a``);
-    autograd's own backward would convert ``a^T`` to CSR at every call."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, a_t: Tensor, x: Tensor) -> Tensor:
-        ctx.a_t = a_t
-        return torch.sparse.mm(a, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return None, None, torch.sparse.mm(ctx.a_t, grad.contiguous())
-
-
-def diffuse(support: Tensor, x: Tensor, support_t: Tensor | None = None) -> Tensor:
-    """``y[i] = sum_j support[i, j] x[j]`` for node-major x (N, ...); support dense (M, N)
-    -> y (M, ...), or CSR (N, N) with ``support_t`` its transpose for the backward pass."""
-    flat = x.reshape(x.shape[0], -1)
-    if support.layout != torch.strided:  # CSR mm has no bf16 kernel: run it in fp32
-        with torch.autocast(x.device.type, enabled=False):
-            xf = flat.to(support.dtype)
-            if support_t is not None and torch.is_grad_enabled() and xf.requires_grad:
-                y = _SpMM.apply(support, support_t, xf)
-            else:
-                y = torch.sparse.mm(support, xf)
-        return y.to(x.dtype).view(support.shape[0], *x.shape[1:])
-    return torch.mm(support.to(x.dtype), flat).view(support.shape[0], *x.shape[1:])
 
 
 def _op_mm(op: Tensor, x: Tensor) -> Tensor:
@@ -86,15 +61,30 @@ class _GraphConv(torch.autograd.Function):
         out = torch.addmm(bias, x.reshape(-1, c), weight[:, :c].t())
         x2 = x.reshape(n, -1)
         outs, hs = [], []
-        for op, _, blocks, src in levels:
+        feeds = {src for *_, src in levels}
+        for lvl, (op, _, blocks, src) in enumerate(levels):
             h = _op_mm(op, x2 if src < 0 else outs[src])  # (len(blocks) * N, R * C)
             hd = h.view(len(blocks), -1, c).to(dt)
             for i, j in enumerate(blocks):
                 out.addmm_(hd[i], weight[:, j * c:(j + 1) * c].t())
             outs.append(h)
-            hs.append(hd)
+            # fp32 sparse chains recompute their last powers in the backward pass (one cheap
+            # CSR product each) instead of keeping them
+            recompute = op.layout != torch.strided and dt == torch.float32 and lvl not in feeds
+            hs.append(None if recompute else hd)
         ctx.levels = levels
         ctx.save_for_backward(x, weight, *hs)
+        return out
+
+    @staticmethod
+    def _level_outputs(levels, x: Tensor, hs: list) -> list[Tensor]:
+        """The (len(blocks), N * R, C) outputs of every level, recomputing those not kept."""
+        n, c = x.shape[0], x.shape[-1]
+        out = list(hs)
+        for lvl, (op, _, blocks, src) in enumerate(levels):
+            if out[lvl] is None:
+                prev = x.reshape(n, -1) if src < 0 else out[src].reshape(len(levels[src][2]) * n, -1)
+                out[lvl] = _op_mm(op, prev).view(len(blocks), -1, c).to(x.dtype)
         return out
 
     @staticmethod
@@ -111,6 +101,7 @@ class _GraphConv(torch.autograd.Function):
         g = g.to(x.dtype).contiguous()
         gx = gw = gb = None
         if need_w:
+            hs = _GraphConv._level_outputs(levels, x, hs)
             gw = torch.empty_like(weight)
             gw[:, :c] = g.t() @ x.reshape(-1, c)
             for (_, _, blocks, _), hd in zip(levels, hs):
@@ -149,7 +140,7 @@ class GatedSTLayer(nn.Module):
     The dilated conv is a (1, k) ``Conv2d`` on a channels-last view of x (no copies; the
     CPU's oneDNN kernel), the graph conv is :class:`_GraphConv` (``gcn`` holds the weights of
     ``Linear((1 + order * supports) * C, C)``). Dropout's scale is folded into the skip
-    projection and the residual add (one ``masked_fill`` on h instead of two products).
+    projection and the residual add (one product with the keep mask, inside the gate).
     """
 
     def __init__(self, channels: int, skip_channels: int, dilation: int, kernel_size: int,
@@ -220,7 +211,12 @@ class STGPHead(nn.Module):
         self.fc2 = nn.Linear(hidden, patch_len)
 
     def forward(self, skip: Tensor) -> Tensor:
-        return self.fc2(F.relu(self.fc1(F.relu(skip))))
+        """fc2(relu(fc1(relu(skip)))), the hidden layer recomputed in the backward pass."""
+        dt = compute_dtype(skip)
+        x = skip.reshape(-1, skip.shape[-1]).to(dt)
+        y = ReluMLP.apply(x, self.fc1.weight.to(dt), self.fc1.bias.to(dt), self.fc2.weight.to(dt),
+                          self.fc2.bias.to(dt))
+        return y.view(*skip.shape[:-1], y.shape[-1])
 
 
 class STGPDecoder(nn.Module):

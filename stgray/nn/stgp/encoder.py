@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stgray.nn.stgp.kernels import BiasedAttention, GeluLinear, Linear, LNLinear, compute_dtype
+from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GeluLinear, Linear, LNLinear, compute_dtype,
+                                   keep_as)
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,8 +195,8 @@ class FastDropout(nn.Module):
     (0.1 -> 26/256); kept outputs are scaled by ``scale`` = 1/(1 - p_used).
 
     Layers fold the two steps into neighbouring ops: ``keep_mask`` gives the elements to keep
-    (one ``where``, forward and backward) and ``scale`` goes into the preceding linear's
-    weights or the following residual add."""
+    (multiplied in with the residual add, forward and backward) and ``scale`` goes into the
+    preceding linear's weights or the following residual add."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -214,7 +215,8 @@ class FastDropout(nn.Module):
 
     def keep_mask(self, x: Tensor) -> Tensor | None:
         """Bool, shape of x: True = keep (None when inactive: eval mode or p rounds to 0).
-        Apply it as ``torch.where(keep, x, 0)`` (vectorised; ``masked_fill`` is not).
+        Apply it as a product with ``kernels.keep_as(keep, dtype)`` (vectorised; ``where``
+        and ``masked_fill`` on a bool mask are not).
 
         Bytes come four to a draw (int32 over its full range, viewed as bytes): half the
         generator calls of a uint8 draw."""
@@ -230,7 +232,7 @@ class FastDropout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         keep = self.keep_mask(x)
-        return x if keep is None else torch.where(keep, x * self.scale, 0.0)
+        return x if keep is None else x * keep_as(keep, x.dtype) * self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -294,32 +296,21 @@ class EncoderLayer(nn.Module):
             elif attn_mask is not None:
                 scores = scores + attn_mask.to(scores.dtype)
             a = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(s, h, n, d // h)
-        x = x + self._dropped(Linear, self.proj, a.transpose(1, 2).reshape(s, n, d), dt)
+        x = self._residual(x, Linear, self.proj, a.transpose(1, 2).reshape(s, n, d), dt)
         n2 = self.norm2
         u = LNLinear.apply(x, n2.weight.to(x.dtype), n2.bias.to(x.dtype), n2.eps,
                            self.ff1.weight.to(dt), self.ff1.bias.to(dt))
-        return x + self._dropped(GeluLinear, self.ff2, u, dt)
+        return self._residual(x, GeluLinear, self.ff2, u, dt)
 
-    def _dropped(self, fn, mod: nn.Linear, x: Tensor, dt: torch.dtype) -> Tensor:
-        """``dropout(fn(x; mod's weights))`` with the dropout scale folded into the weights:
-        one ``where`` instead of two multiplications, forward and backward."""
+    def _residual(self, x: Tensor, fn, mod: nn.Linear, inp: Tensor, dt: torch.dtype) -> Tensor:
+        """``x + dropout(fn(inp; mod's weights))`` with the dropout scale folded into the
+        weights and the mask into the add (one multiply-add, forward and backward)."""
         w, b = mod.weight, mod.bias
         if not self.drop.active:
-            return fn.apply(x, w.to(dt), b.to(dt))
+            return x + fn.apply(inp, w.to(dt), b.to(dt))
         c = self.drop.scale
-        y = fn.apply(x, (w * c).to(dt), (b * c).to(dt))
-        return torch.where(self.drop.keep_mask(y), y, 0.0)
-
-
-def _linear(mod: nn.Linear, x: Tensor, scale: float | None = None) -> Tensor:
-    w, b = mod.weight, mod.bias
-    if scale is not None:
-        w, b = w * scale, b * scale
-    return F.linear(x, w.to(x.dtype), b.to(x.dtype))
-
-
-def _norm(mod: nn.LayerNorm, x: Tensor) -> Tensor:
-    return F.layer_norm(x, mod.normalized_shape, mod.weight.to(x.dtype), mod.bias.to(x.dtype), mod.eps)
+        y = fn.apply(inp, (w * c).to(dt), (b * c).to(dt))
+        return DropoutAdd.apply(x, y, self.drop.keep_mask(y))
 
 
 @dataclass

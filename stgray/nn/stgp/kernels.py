@@ -11,6 +11,8 @@ passes over memory it makes:
 - :class:`BiasedAttention`: ``softmax(q k^T / sqrt(dh) + bias) v`` with a gradient for the
   bias (the Graphormer bias, trained in pre-training). Keeps q, k, v, not the (sets, heads,
   L, L) probabilities: the backward pass recomputes them.
+- :class:`ReluMLP`: the decoder head ``relu(relu(x) W1^T + b1) W2^T + b2``. Keeps x only.
+- :class:`DropoutAdd`: ``x + dropout(y)`` (scale folded upstream). Keeps the bool mask.
 - :class:`GatedMix`: the decoder gate ``h = g * gelu(s) + (1 - g) * gelu(t)``,
   ``g = sigmoid(gelu(t) Wt^T + bt + gelu(s) Ws^T)``, then dropout. Keeps the two
   pre-activations and g (gelu recomputed); autograd would keep six (N*B*P, C) tensors.
@@ -42,7 +44,7 @@ _ONEDNN = _probe_onednn()
 
 
 def _use_onednn(t: Tensor) -> bool:
-    return _ONEDNN and t.dtype == torch.float32 and t.device.type == "cpu"
+    return _ONEDNN and t.dtype == torch.float32 and t.device.type == "cpu" and t.shape[0] > 0
 
 
 def mm_fwd(x2: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -240,7 +242,7 @@ class GatedMix(torch.autograd.Function):
             g = torch.addmm(bt, t, wt.t()).addmm_(s, ws.t()).sigmoid_()
             h = torch.addcmul(t, g, s.sub_(t))  # s is scratch from here on: s - t
             if keep is not None:
-                h = torch.where(keep, h, 0.0)
+                h.mul_(keep_as(keep, h.dtype))
         ctx.save_for_backward(tp, sp, g, wt, ws, keep)
         return h
 
@@ -251,7 +253,7 @@ class GatedMix(torch.autograd.Function):
         with _NoAutocast(gh):
             gh = gh.to(g.dtype)
             if keep is not None:
-                gh = torch.where(keep, gh, 0.0)
+                gh = gh * keep_as(keep, gh.dtype)
             t, s = F.gelu(tp), F.gelu(sp)
             # d h / d g = s - t; d g / d a = g (1 - g)
             ga = torch.ops.aten.sigmoid_backward(gh * (s - t), g)
@@ -267,3 +269,62 @@ class GatedMix(torch.autograd.Function):
                 gtp = torch.ops.aten.gelu_backward(gt_, tp) if ntp else None
                 gsp = torch.ops.aten.gelu_backward(gs_, sp) if nsp else None
         return gtp, gsp, gwt, gbt, gws, None
+
+
+class ReluMLP(torch.autograd.Function):
+    """``relu(relu(x) W1^T + b1) W2^T + b2`` on 2-D x. Keeps x only: the hidden layer (the
+    widest tensor of the decoder head) is recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        with _NoAutocast(x):
+            y = mm_fwd(torch.relu(mm_fwd(torch.relu(x), w1, b1)), w2, b2)
+        ctx.save_for_backward(x, w1, b1, w2)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w1, b1, w2 = ctx.saved_tensors
+        nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad
+        gx = gw1 = gb1 = gw2 = gb2 = None
+        with _NoAutocast(g):
+            g = g.to(x.dtype).contiguous()
+            r0 = torch.relu(x)
+            a1 = mm_fwd(r0, w1, b1)
+            if nw2:
+                gw2 = _wgrad(g, torch.relu(a1))
+            if nb2:
+                gb2 = g.sum(0)
+            if nx or nw1 or nb1:
+                ga1 = torch.ops.aten.threshold_backward(mm_dx(g, w2), a1, 0)
+                del a1
+                if nw1:
+                    gw1 = _wgrad(ga1, r0)
+                if nb1:
+                    gb1 = ga1.sum(0)
+                if nx:
+                    gx = torch.ops.aten.threshold_backward(mm_dx(ga1, w1), x, 0)
+        return gx, gw1, gb1, gw2, gb2
+
+
+def keep_as(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool keep-mask as 0 / 1 in ``dtype`` (via uint8: a vectorised cast, unlike bool's)."""
+    return keep.view(torch.uint8).to(dtype)
+
+
+class DropoutAdd(torch.autograd.Function):
+    """``x + y * keep`` for a bool ``keep`` (dropout with its scale already in y: a residual
+    add). Keeps the bool mask only; one fused multiply-add instead of a select and an add."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, keep: Tensor) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.dtypes = (x.dtype, y.dtype)
+        return torch.addcmul(x, y, keep_as(keep, y.dtype))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (keep,) = ctx.saved_tensors
+        xd, yd = ctx.dtypes
+        gy = g.to(yd) * keep_as(keep, yd) if ctx.needs_input_grad[1] else None
+        return (g.to(xd) if ctx.needs_input_grad[0] else None), gy, None

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from stgray.nn.stgp import STGPModel, STGPModelConfig, STGraph
 from stgray.nn.stgp.decoder import GatedSTLayer
 from stgray.nn.stgp.encoder import EncoderLayer, FastDropout
-from stgray.nn.stgp.kernels import BiasedAttention, GatedMix, GeluLinear, Linear, LNLinear
+from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear,
+                                   ReluMLP)
 
 
 def _leaves(*shapes, seed=0, dtype=torch.float32):
@@ -44,6 +45,12 @@ def test_linear_kernels_match_plain_ops():
                                 [xf])
     (gx2,) = torch.autograd.grad(F.linear(F.layer_norm(xf, (16,), lw, lb, 1e-5), w, b).sum(), [xf])
     torch.testing.assert_close(gx, gx2, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_add_matches_plain_ops():
+    x, y = _leaves((30, 8), (30, 8))
+    keep = torch.rand(30, 8, generator=torch.Generator().manual_seed(2)) > 0.3
+    _same(DropoutAdd.apply(x, y, keep), x + y * keep, [x, y])
 
 
 def _plain_attention(q, k, v, bias):
@@ -195,6 +202,12 @@ def test_encoder_layer_matches_plain_transformer(bias):
     _same(layer(x, mask), _plain_encoder_layer(layer, x, mask), params, rtol=1e-4, atol=1e-5)
 
 
+def test_relu_mlp_matches_plain_ops():
+    x, w1, b1, w2, b2 = _leaves((50, 6), (12, 6), (12,), (4, 12), (4,))
+    _same(ReluMLP.apply(x, w1, b1, w2, b2), F.linear(F.relu(F.linear(F.relu(x), w1, b1)), w2, b2),
+          [x, w1, b1, w2, b2])
+
+
 def test_fast_dropout_rate_scale_and_folding():
     d = FastDropout(0.1).train()
     x = torch.ones(1000, 64)
@@ -204,11 +217,13 @@ def test_fast_dropout_rate_scale_and_folding():
     assert abs(d(x).mean().item() - 1.0) < 0.02
     assert d.keep_mask(torch.ones(3, 5)).shape == (3, 5)  # odd sizes draw bytes one by one
     assert FastDropout(0.1).eval().keep_mask(x) is None and FastDropout(0.0).train().keep_mask(x) is None
-    # the encoder layer folds the scale into the weights: same as dropout(linear(x))
+    # the encoder layer folds the scale into the weights and the mask into the residual add:
+    # x + dropout(linear(a))
     layer = EncoderLayer(16, 2, 24, dropout=0.1).train()
     a = torch.randn(4, 5, 16)
+    x0 = torch.randn(4, 5, 16)
     torch.manual_seed(3)
-    got = layer._dropped(Linear, layer.proj, a, torch.float32)
+    got = layer._residual(x0, Linear, layer.proj, a, torch.float32) - x0
     torch.manual_seed(3)
     keep = layer.drop.keep_mask(got)
     torch.testing.assert_close(got, layer.proj(a) * keep * layer.drop.scale, rtol=1e-5, atol=1e-6)
