@@ -42,6 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import _cpu_model  # noqa: E402
+
 from stgray.config import content_hash  # noqa: E402
 from stgray.data.city import City, edges_from_dense  # noqa: E402
 from stgray.data.prepare import PrepareConfig, prepare  # noqa: E402
@@ -210,7 +212,7 @@ def main() -> None:
     mode = MODES[args.mode]
     out: dict = {
         "bench": "zoo_speed", "mode": args.mode,
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cores": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "numpy": np.__version__, "ray": _version("ray"),
                     "loadavg_start": os.getloadavg()},
@@ -292,16 +294,6 @@ def _train_share(tp: dict, cfg: ZooConfig) -> float:
     e = max(cfg.epochs, 1)
     train = 3.0 * tw * e
     return train / (train + vw * (e + 1))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _version(mod: str) -> str | None:

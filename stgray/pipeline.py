@@ -94,6 +94,19 @@ class StageLog:
         return aid
 
 
+def import_and_prepare(store, cfg: PipelineConfig, log: StageLog) -> dict[str, str]:
+    """Import and prepare every source city and the target: city name -> prepared id."""
+    from stgray.data.ingest import import_city
+    from stgray.data.prepare import prepare_to_store
+
+    cities = [*cfg.sources, cfg.target]
+    city_ids = {n: log.run("import", n, lambda n=n: import_city(store, n)[::2]) for n in cities}
+    return {n: log.run("prepare", f"{n} ({'target' if n == cfg.target else 'source'})",
+                       lambda n=n: prepare_to_store(store, city_ids[n], cfg.prepare,
+                                                    "target" if n == cfg.target else "source"))
+            for n in cities}
+
+
 def run_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, Any]:
     """Run the selected stages (through ``until``, if given: a stage's job runs what it
     needs first, skipping what is in the store); return the stage log, the results rows
@@ -105,8 +118,6 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, Any
             raise ConfigError(f"unknown stage '{until}'; known: {ALL_STAGES}", field="until")
         keep = ALL_STAGES[:ALL_STAGES.index(until) + 1]
         cfg = cfg.model_copy(update={"stages": [s for s in cfg.stages if s in keep]})
-    from stgray.data.ingest import import_city
-    from stgray.data.prepare import prepare_to_store
     from stgray.engines.common import ensure_ray
     from stgray.store import ArtifactStore
 
@@ -115,12 +126,7 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, Any
         os.environ["STGRAY_DATA_DIR"] = str(Path(cfg.data_dir).expanduser().resolve())
     log = StageLog()
     out: dict[str, Any] = {"store": store.url, "stages": log.rows, "rows": []}
-    cities = [*cfg.sources, cfg.target]
-    city_ids = {n: log.run("import", n, lambda n=n: import_city(store, n)[::2]) for n in cities}
-    prepared = {n: log.run("prepare", f"{n} ({'target' if n == cfg.target else 'source'})",
-                           lambda n=n: prepare_to_store(store, city_ids[n], cfg.prepare,
-                                                        "target" if n == cfg.target else "source"))
-                for n in cities}
+    prepared = import_and_prepare(store, cfg, log)
     src_ids = [prepared[n] for n in cfg.sources]
     tgt_id = prepared[cfg.target]
     result_ids: list[str] = []

@@ -81,6 +81,7 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
     t0 = time.perf_counter()
     scratch = train_models(p, nodes, zoo_cfg, epochs=cfg.scratch_epochs).params
     scratch_s = time.perf_counter() - t0
+    zoo = load_zoo(store, zoo_id)
     methods = [("GPDiff zero-shot", zero, 0.0), ("GPDiff few-shot", few, few_s),
                ("target-only per-node (scratch)", scratch, scratch_s)]
     pooled_info = None
@@ -88,7 +89,6 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
         from stgray.engines.pooled import train_pooled
 
         t0 = time.perf_counter()
-        zoo = load_zoo(store, zoo_id)
         sources = [load_prepared(store, pid) for pid in zoo.splits]
         vec, pooled_info = train_pooled(sources, zoo_cfg, cfg.pooled_epochs, device=cfg.device)
         pooled = finetune_nodes(p, np.repeat(vec[None], n, 0), zoo_cfg, cfg.finetune_epochs,
@@ -102,7 +102,7 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
         preds[method] = pred
         rows.append({"task": "forecast", "method": method, "val_mae": vm["mae"], "train_s": secs,
                      **{k: m[k] for k in ("mae", "rmse", "mape", "n")}})
-    trained = load_zoo(store, zoo_id).params
+    trained = zoo.params
     from stgray.eval.report import plot_param_distributions
 
     plot = plot_param_distributions(np.asarray(trained), zero, title=f"{p.name}: trained source zoo "

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from stgray.config import StageConfig
 from stgray.data.prepare import Prepared, load_prepared
+from stgray.engines import ray_utils
 from stgray.engines.common import (amp_enabled, resolve_device, run_config, scaling,
                                    tensors_from_bytes, tensors_to_bytes)
 from stgray.eval.metrics import forecast_metrics
@@ -149,7 +150,8 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         t0, n_win, tot = time.perf_counter(), 0, 0.0
         for step in range(cfg.steps_per_epoch):
             if fault.get("epoch") == epoch and fault.get("step", 0) == step and rank == fault.get("rank", 0):
-                _inject_fault(fault)
+                # delay: the previous report reaches the controller first
+                ray_utils.inject_fault({"delay_s": 2.0, **fault})
             ci = (step * world + rank) % len(cities)
             p, starts = cities[ci], rng.choice(train_starts[ci], cfg.batch_size)
             b = tmpl.batch(p, starts, device)
@@ -178,22 +180,6 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
                 ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(rec)
-
-
-def _inject_fault(fault: dict) -> None:
-    """Test hook: die like a preempted worker (SIGKILL) or fail with an exception, once
-    per ``fault["once_file"]`` (created when it fires)."""
-    import os
-    import signal
-
-    marker = Path(fault["once_file"])
-    if marker.exists():
-        return
-    marker.touch()
-    time.sleep(fault.get("delay_s", 2.0))  # the previous report reaches the controller first
-    if fault.get("mode", "kill") == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError("injected fault")
 
 
 @torch.no_grad()

@@ -102,21 +102,14 @@ def prepare_base(cfg: SweepConfig, base, store, say: Callable[[str], None] = pri
     """Import/prepare the cities and make the artefacts every trial starts from (each
     skipped when already in the store): STGP pre-training, or the zoo and the tokens of
     every token width the space can choose. Returns the artefact ids."""
-    from stgray.data.ingest import import_city
-    from stgray.data.prepare import prepare_to_store
     from stgray.engines.common import ensure_ray
-    from stgray.pipeline import StageLog
+    from stgray.pipeline import StageLog, import_and_prepare
 
     data_dir = cfg.data_dir or base.data_dir
     if data_dir:
         os.environ["STGRAY_DATA_DIR"] = str(Path(data_dir).expanduser().resolve())
     log = StageLog()
-    cities = [*base.sources, base.target]
-    city_ids = {n: log.run("import", n, lambda n=n: import_city(store, n)[::2]) for n in cities}
-    prepared = {n: log.run("prepare", f"{n} ({'target' if n == base.target else 'source'})",
-                           lambda n=n: prepare_to_store(store, city_ids[n], base.prepare,
-                                                        "target" if n == base.target else "source"))
-                for n in cities}
+    prepared = import_and_prepare(store, base, log)
     src_ids = [prepared[n] for n in base.sources]
     out: dict[str, Any] = {"target_id": prepared[base.target], "source_ids": src_ids}
     ensure_ray(cfg.ray_address or base.ray_address)
