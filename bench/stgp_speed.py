@@ -71,7 +71,7 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
     bf16 = name.endswith("_bf16")
     kind = name.removesuffix("_bf16")
     p, cfg, tmpl, model, starts, rng = _setup(batch, threads, bf16)
-    g = model.graph(p.adj)
+    g = model.graph(p.dense_adj())
     n = p.num_nodes
     model.set_stage(kind)
     params = model.parameters_for(kind)

@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from pydantic import Field, model_validator
 
 from stgray.config import StageConfig
@@ -53,7 +54,8 @@ class Prepared:
     raw: (T, N) float32 values in the city's units after resampling.
     x: (T, N) float32 normalised ``(raw - mean) / std`` with train-split statistics.
     tod: (T,) int64 step of day (0 .. steps_per_day-1); dow: (T,) int64 day of week (Mon=0).
-    adj: (N, N) float32 weighted adjacency, ``adj[i, j]`` = weight of edge i -> j.
+    adj: (N, N) float32 weighted adjacency as a sparse CSR array, ``adj[i, j]`` = weight of
+        edge i -> j (a dense array given here is converted; ``dense_adj()`` for the dense one).
     splits: name -> [start, end) step range; unobserved: sorted node indices (kriging).
     """
 
@@ -65,16 +67,23 @@ class Prepared:
     std: float
     tod: np.ndarray
     dow: np.ndarray
-    adj: np.ndarray
+    adj: sp.csr_array
     splits: dict[str, tuple[int, int]]
     unobserved: np.ndarray
     step_s: int
     start: pd.Timestamp
     zeros_are_values: bool = True
 
+    def __post_init__(self):
+        self.adj = as_sparse_adjacency(self.adj, self.num_nodes)
+
     @property
     def num_nodes(self) -> int:
         return int(self.x.shape[1])
+
+    def dense_adj(self) -> np.ndarray:
+        """(N, N) float32 dense adjacency (N^2 memory: for models that attend over all pairs)."""
+        return self.adj.toarray()
 
     @property
     def steps_per_day(self) -> int:
@@ -108,6 +117,31 @@ class Prepared:
                 "unobserved": self.unobserved.tolist(), "step_s": self.step_s,
                 "start": self.start.isoformat(), "role": self.role, "name": self.name,
                 "zeros_are_values": self.zeros_are_values}
+
+
+def as_sparse_adjacency(adj, num_nodes: int) -> sp.csr_array:
+    """(N, N) float32 CSR array without explicit zeros, from a dense or sparse adjacency."""
+    a = sp.csr_array(adj, dtype=np.float32)
+    if a.shape != (num_nodes, num_nodes):
+        raise ValueError(f"adjacency shape {a.shape} does not match {num_nodes} nodes")
+    a.sum_duplicates()
+    a.eliminate_zeros()
+    a.sort_indices()
+    return a
+
+
+def adjacency_from_edges(edges: np.ndarray, weights: np.ndarray, num_nodes: int) -> sp.csr_array:
+    """Sparse adjacency of an edge list; a repeated edge keeps its last weight (as a dense
+    assignment ``A[i, j] = w`` would)."""
+    e = np.asarray(edges, np.int64).reshape(-1, 2)
+    w = np.asarray(weights, np.float32).reshape(-1)
+    if len(e):
+        key = e[:, 0] * num_nodes + e[:, 1]
+        _, last = np.unique(key[::-1], return_index=True)
+        keep = len(key) - 1 - last
+        e, w = e[keep], w[keep]
+    a = sp.coo_array((w, (e[:, 0], e[:, 1])), shape=(num_nodes, num_nodes))
+    return as_sparse_adjacency(a, num_nodes)
 
 
 def resample(city: City, step_s: int) -> City:
@@ -178,7 +212,8 @@ def prepare(city: City, cfg: PrepareConfig, role: Role) -> Prepared:
     n_un = int(round(cfg.unobserved_frac * n))
     unobserved = np.sort(rng.choice(n, size=n_un, replace=False)) if n_un else np.zeros(0, np.int64)
     return Prepared(name=c.name, role=role, raw=raw, x=x, mean=mean, std=std, tod=tod, dow=dow,
-                    adj=c.adjacency(), splits=splits, unobserved=unobserved.astype(np.int64),
+                    adj=adjacency_from_edges(c.edges, c.weights, n), splits=splits,
+                    unobserved=unobserved.astype(np.int64),
                     step_s=cfg.step_s, start=pd.Timestamp(c.start), zeros_are_values=c.zeros_are_values)
 
 
@@ -194,7 +229,9 @@ def prepare_to_store(store, city_id: str, cfg: PrepareConfig, role: Role) -> tup
     with store.writer(PREPARED_KIND, config, [city_id], label=f"{p.name}:{role}",
                       meta={"mean": p.mean, "std": p.std, "splits": p.stats()["splits"]}) as w:
         buf = io.BytesIO()
-        np.savez(buf, raw=p.raw, adj=p.adj, tod=p.tod, dow=p.dow, unobserved=p.unobserved)
+        a = p.adj.tocoo()
+        np.savez(buf, raw=p.raw, adj_src=a.row.astype(np.int64), adj_dst=a.col.astype(np.int64),
+                 adj_w=a.data.astype(np.float32), tod=p.tod, dow=p.dow, unobserved=p.unobserved)
         w.put_bytes("arrays.npz", buf.getvalue())
         w.put_json("stats.json", p.stats())
     return aid, False
@@ -205,7 +242,12 @@ def load_prepared(store, artifact_id: str) -> Prepared:
     m = store.manifest(artifact_id)
     st = store.read_json(artifact_id, "stats.json", m)
     with np.load(io.BytesIO(store.read_bytes(artifact_id, "arrays.npz", m)), allow_pickle=False) as z:
-        raw, adj, tod, dow, un = (z[k] for k in ("raw", "adj", "tod", "dow", "unobserved"))
+        raw, tod, dow, un = (z[k] for k in ("raw", "tod", "dow", "unobserved"))
+        n = raw.shape[1]
+        if "adj" in z.files:  # written before the adjacency was stored as edges
+            adj = as_sparse_adjacency(z["adj"], n)
+        else:
+            adj = sp.coo_array((z["adj_w"], (z["adj_src"], z["adj_dst"])), shape=(n, n))
     x = ((raw - st["mean"]) / st["std"]).astype(np.float32)
     return Prepared(name=st["name"], role=st["role"], raw=raw, x=x, mean=st["mean"], std=st["std"],
                     tod=tod, dow=dow, adj=adj, splits={k: tuple(v) for k, v in st["splits"].items()},

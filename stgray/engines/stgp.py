@@ -117,7 +117,7 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     core = STGPModel(cfg.model).to(device)
     core.set_stage("pretrain")
-    graphs = [core.graph(p.adj) for p in cities]
+    graphs = [core.graph(p.dense_adj()) for p in cities]
     opt = torch.optim.AdamW(core.parameters_for("pretrain"), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, best_val, best_state, history = 0, math.inf, None, []
     ckpt = ray.train.get_checkpoint()
@@ -276,7 +276,7 @@ class _Target:
 
     def __init__(self, p: Prepared, model: STGPModel, tmpl: PatchTemplate, device):
         self.p, self.tmpl, self.device = p, tmpl, device
-        self.graph = model.graph(p.adj)
+        self.graph = model.graph(p.dense_adj())
         self.hidden = torch.as_tensor(node_mask(p.unobserved, 1, p.num_nodes)[0], device=device)  # (N,)
 
     def batch(self, starts):

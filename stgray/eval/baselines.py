@@ -35,9 +35,11 @@ def persistence(p: Prepared, starts: np.ndarray, t_in: int, t_out: int) -> np.nd
 
 
 def _neighbours(p: Prepared) -> list[np.ndarray]:
-    a = (p.adj > 0) | (p.adj.T > 0)
-    np.fill_diagonal(a, False)
-    return [np.flatnonzero(a[i]) for i in range(p.num_nodes)]
+    a = (abs(p.adj) + abs(p.adj.T)).tocsr()  # undirected pattern, O(edges)
+    a.setdiag(0)
+    a.eliminate_zeros()
+    a.sort_indices()
+    return [a.indices[a.indptr[i]:a.indptr[i + 1]].astype(np.int64) for i in range(p.num_nodes)]
 
 
 def neighbour_weights(p: Prepared) -> np.ndarray:

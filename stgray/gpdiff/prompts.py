@@ -12,6 +12,7 @@ spatial (D_s = walk_length + 3): random-walk positional encodings of the undirec
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch_geometric.data import Data
 from torch_geometric.transforms import AddRandomWalkPE
@@ -37,18 +38,20 @@ def temporal_prompts(p: Prepared, lo: int, hi: int) -> np.ndarray:
     return np.concatenate([prof.T, np.stack([mean, std, zeros, ac1], 1)], 1).astype(np.float32)
 
 
-def spatial_prompts(adj: np.ndarray, walk_length: int = 8) -> np.ndarray:
-    """(N, walk_length + 3) float32 structural encodings of each node in the graph."""
-    n = adj.shape[0]
-    a = adj.copy()
-    np.fill_diagonal(a, 0.0)
-    src, dst = np.nonzero(a)
+def spatial_prompts(adj, walk_length: int = 8) -> np.ndarray:
+    """(N, walk_length + 3) float32 structural encodings of each node in the graph.
+
+    ``adj``: (N, N) dense array or scipy sparse matrix/array; memory is O(edges)."""
+    a = sp.coo_array(adj, dtype=np.float64)
+    n = a.shape[0]
+    off = (a.row != a.col) & (a.data != 0)
+    src, dst, w = a.row[off].astype(np.int64), a.col[off].astype(np.int64), a.data[off]
     ei = to_undirected(torch.as_tensor(np.stack([src, dst]), dtype=torch.long), num_nodes=n)
     pe = AddRandomWalkPE(walk_length=walk_length, attr_name="pe")(Data(edge_index=ei, num_nodes=n)).pe
-    deg_in = np.log1p((a > 0).sum(0))
-    deg_out = np.log1p((a > 0).sum(1))
-    wmax = a.max() if a.max() > 0 else 1.0
-    wdeg = np.log1p((a / wmax).sum(0) + (a / wmax).sum(1))
+    deg_in = np.log1p(np.bincount(dst, minlength=n))
+    deg_out = np.log1p(np.bincount(src, minlength=n))
+    wmax = w.max() if len(w) and w.max() > 0 else 1.0
+    wdeg = np.log1p(np.bincount(dst, w / wmax, minlength=n) + np.bincount(src, w / wmax, minlength=n))
     return np.concatenate([pe.numpy(), np.stack([deg_in, deg_out, wdeg], 1)], 1).astype(np.float32)
 
 

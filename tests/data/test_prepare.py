@@ -78,3 +78,45 @@ def test_prepared_round_trip_in_store(local_store):
     np.testing.assert_array_equal(p.raw, q.raw)
     np.testing.assert_allclose(p.x, q.x, atol=1e-6)
     assert p.splits == q.splits
+
+
+def test_adjacency_is_sparse_and_matches_the_dense_one():
+    import scipy.sparse as sp
+
+    from stgray.data.prepare import adjacency_from_edges
+
+    c = make_city(days=10, n=6)
+    p = prepare(c, PrepareConfig(), "source")
+    assert isinstance(p.adj, sp.csr_array) and p.adj.nnz == 6
+    np.testing.assert_array_equal(p.dense_adj(), c.adjacency())
+    # a repeated edge keeps its last weight, a zero weight is no edge (as a dense assignment)
+    a = adjacency_from_edges(np.array([[0, 1], [0, 1], [1, 2]]), np.array([1.0, 3.0, 0.0]), 3)
+    assert a.nnz == 1 and a[0, 1] == 3.0
+    # a dense array given to Prepared is converted
+    q = prepare(c, PrepareConfig(), "source")
+    q.__init__(**{**q.__dict__, "adj": c.adjacency()})
+    assert isinstance(q.adj, sp.csr_array) and (q.adj != p.adj).nnz == 0
+
+
+def test_prepared_stores_edges_and_reads_the_older_dense_format(local_store):
+    import io
+
+    from stgray.data.city import write_city
+
+    c = make_city(days=10, n=7)
+    with local_store.writer("city", {"toy": 2}, label="toy") as w:
+        write_city(w, c)
+    cid = local_store.id_for("city", {"toy": 2})
+    aid, _ = prepare_to_store(local_store, cid, PrepareConfig(), "source")
+    m = local_store.manifest(aid)
+    with np.load(io.BytesIO(local_store.read_bytes(aid, "arrays.npz", m))) as z:
+        assert "adj" not in z.files and len(z["adj_w"]) == 7
+        old = {k: z[k] for k in ("raw", "tod", "dow", "unobserved")}
+    np.testing.assert_array_equal(load_prepared(local_store, aid).dense_adj(), c.adjacency())
+    buf = io.BytesIO()  # an artifact written before edges: a dense (N, N) "adj"
+    np.savez(buf, adj=c.adjacency(), **old)
+    with local_store.writer("prepared", {"old": 1}, [cid], label="old") as w:
+        w.put_bytes("arrays.npz", buf.getvalue())
+        w.put_json("stats.json", local_store.read_json(aid, "stats.json", m))
+    old_p = load_prepared(local_store, local_store.id_for("prepared", {"old": 1}, [cid]))
+    np.testing.assert_array_equal(old_p.dense_adj(), c.adjacency())

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -153,12 +154,16 @@ class Neighbourhoods:
                               self.a_hat[rows, :k, :k])
 
 
-def neighbour_lists(adj: np.ndarray, centres) -> list[np.ndarray]:
-    """For each centre: [centre, sorted in- and out-neighbours (self excluded)]."""
-    a = np.asarray(adj) != 0
+def neighbour_lists(adj, centres) -> list[np.ndarray]:
+    """For each centre: [centre, sorted in- and out-neighbours (self excluded)].
+
+    ``adj``: (N, N) dense array or scipy sparse matrix/array, ``adj[i, j]`` = i -> j."""
+    a = sp.csr_array(adj, copy=True)
+    a.eliminate_zeros()
+    at = a.T.tocsr()
     out = []
     for c in np.asarray(centres, dtype=np.int64):
-        nb = np.flatnonzero(a[c] | a[:, c])
+        nb = np.union1d(a.indices[a.indptr[c]:a.indptr[c + 1]], at.indices[at.indptr[c]:at.indptr[c + 1]])
         nb = nb[nb != c]
         out.append(np.concatenate([[c], nb]).astype(np.int64))
     return out
@@ -172,24 +177,28 @@ def normalised_adjacency(sub: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     return (r[:, None] * a * r[None, :]).astype(np.float32)
 
 
-def build_neighbourhoods(adj: np.ndarray, centres, *, binary: bool = True, eps: float = 1e-5,
+def build_neighbourhoods(adj, centres, *, binary: bool = True, eps: float = 1e-5,
                          pad_to: int | None = None) -> Neighbourhoods:
-    """Padded neighbourhoods of ``centres`` in the (N, N) adjacency ``adj[i, j]`` = i -> j."""
+    """Padded neighbourhoods of ``centres`` in the (N, N) adjacency ``adj[i, j]`` = i -> j
+    (dense or scipy sparse; only the neighbourhoods' sub-matrices are made dense)."""
     centres = np.asarray(centres, dtype=np.int64)
-    lists = neighbour_lists(adj, centres)
+    a = sp.csr_array(adj, dtype=np.float64, copy=True)
+    a.eliminate_zeros()
+    lists = neighbour_lists(a, centres)
     k = max([len(x) for x in lists] + [pad_to or 1])
     m = len(lists)
     idx = np.repeat(centres[:, None], k, 1) if m else np.zeros((0, k), np.int64)
     mask = np.zeros((m, k), bool)
     a_hat = np.zeros((m, k, k), np.float32)
-    w = (np.asarray(adj) != 0).astype(np.float64) if binary else np.asarray(adj, np.float64)
-    if (w < 0).any():
+    if (a.data < 0).any():
         raise ValueError("adjacency weights must be >= 0")
+    if binary:
+        a.data[:] = 1.0
     for i, nb in enumerate(lists):
         n = len(nb)
         idx[i, :n] = nb
         mask[i, :n] = True
-        a_hat[i, :n, :n] = normalised_adjacency(w[np.ix_(nb, nb)], eps)
+        a_hat[i, :n, :n] = normalised_adjacency(a[nb][:, nb].toarray(), eps)
     return Neighbourhoods(centres, idx, mask, a_hat)
 
 

@@ -62,6 +62,21 @@ def test_neighbourhoods_and_normalisation():
     assert np.isfinite(z).all()
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_neighbourhoods_from_a_sparse_adjacency_equal_the_dense_ones(binary):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    adj = ((rng.random((30, 30)) < 0.1) * rng.uniform(0.1, 2.0, (30, 30))).astype(np.float32)
+    s = sp.csr_array(adj)
+    centres = [0, 5, 29, 12]
+    assert [x.tolist() for x in neighbour_lists(s, centres)] == [x.tolist() for x in neighbour_lists(adj, centres)]
+    a, b = build_neighbourhoods(adj, centres, binary=binary), build_neighbourhoods(s, centres, binary=binary)
+    np.testing.assert_array_equal(a.idx, b.idx)
+    np.testing.assert_array_equal(a.a_hat, b.a_hat)
+    assert (s != sp.csr_array(adj)).nnz == 0  # the caller's matrix is not modified
+
+
 def _toy(n=11, t=40, seed=0):
     rng = np.random.default_rng(seed)
     adj = (rng.random((n, n)) < 0.25).astype(np.float32)
