@@ -5,7 +5,7 @@ PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell cat requirements-lock.txt pyproject.toml | sha1sum | cut -c1-12)
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: run test bench bench-quick env clean-store
+.PHONY: run test bench bench-quick bench-all env clean-store
 
 env: $(STAMP)
 
@@ -21,11 +21,21 @@ run: $(STAMP)
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (bench/run.py; `$(PY) -m bench.run --mode MODE --list` shows a plan):
+#   make bench        the measured figures that fit this machine, under an hour
+#                     -> bench/results/*.json, BENCHMARKS.md
+#   make bench-quick  every bench at tiny sizes in ~5-8 min, to check the figures' shape
+#                     -> bench/results/quick/*.json, bench/results/quick/BENCHMARKS.md
+#   make bench-all    bench + reference-sized zoo runs + leave-one-city-out tables (hours;
+#                     resumable: run it again after an interruption)
 bench: $(STAMP)
 	$(PY) -m bench.run --mode full
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --mode quick
+
+bench-all: $(STAMP)
+	$(PY) -m bench.run --mode all
 
 clean-store:
 	rm -rf stgray-store

@@ -5,7 +5,9 @@ Conventions of a result file ``bench/results/<bench>.json`` (``write_result``):
 wrote it, run from the repository root), ``config_hash`` (of the arguments/config that
 define the measurement), ``seeds``, ``machine`` (``machine_info``: CPUs, memory, versions,
 load average at the start), ``loadavg_end``, ``started``/``finished`` (UTC ISO) and
-``wall_s``; the rest is the bench's own.
+``wall_s``; the rest is the bench's own. The quick plan (``python -m bench.run --mode
+quick``) passes ``--out bench/results/quick/<bench>.json`` to every bench, so its smoke
+figures never replace the measured ones.
 """
 
 from __future__ import annotations

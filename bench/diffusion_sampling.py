@@ -3,6 +3,7 @@ sampling time for M target nodes and what each sampler's parameters are worth.
 
     .venv/bin/python bench/diffusion_sampling.py             # quick sizes (minutes)
     .venv/bin/python bench/diffusion_sampling.py --nodes 64 --diff-steps 2000
+    .venv/bin/python bench/diffusion_sampling.py --nodes 8 --days 14 --zoo-epochs 1 --diff-steps 30  # smoke
 
 Pipeline (all through the real stages, in a local store):
   source  nyc_bike, the first ``--nodes`` zones, ``--days`` days (80/20 train/val);
@@ -40,6 +41,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import command_line, now_iso, write_result  # noqa: E402
 
 from stgray.data.city import CITY_KIND, City, edges_from_dense, write_city  # noqa: E402
 from stgray.data.prepare import PrepareConfig, load_prepared, prepare_to_store  # noqa: E402
@@ -104,6 +107,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed sampling runs per sampler")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "diffusion_sampling.json"))
     args = ap.parse_args()
+    started, t_start = now_iso(), time.perf_counter()
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -207,9 +211,11 @@ def main() -> None:
     print(json.dumps({k: out[k] for k in ("param_distance_std_units", "zero_shot_target")},
                      indent=1, default=float), flush=True)
     out["machine"]["loadavg_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {args.out}")
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "repeats")}
+    mode = "full" if all(v == ap.get_default(k) for k, v in config.items()) else "custom"  # full: the defaults
+    path = write_result("diffusion_sampling", out, mode=mode, command=command_line(), config=config,
+                        seeds=[0, 1], started=started, wall_s=time.perf_counter() - t_start, out=args.out)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,25 @@
 each of the four flow cities in turn is the target, the other three are its sources, and
 every method's row comes from the same pipeline run on the same data and split.
 
-    .venv/bin/python -m bench.loo --mode quick     # configs/loo-quick.yaml: first target, 1 seed
-    .venv/bin/python -m bench.loo --mode full      # configs/loo.yaml: 4 targets x 3 seeds
-    .venv/bin/python -m bench.loo --mode quick --targets nyc_bike hangzhou_metro
+    .venv/bin/python -m bench.loo --mode smoke     # configs/loo-smoke.yaml: one target, tiny
+                                                   # sizes, 1 seed (minutes; shape only)
+    .venv/bin/python -m bench.loo --mode quick     # configs/loo-quick.yaml: the quick start's
+                                                   # sizes, 4 targets x 3 seeds (~2-3 h idle)
+    .venv/bin/python -m bench.loo --mode full      # configs/loo.yaml: 4 targets x 3 seeds,
+                                                   # whole zoos (many hours)
+    .venv/bin/python -m bench.loo --mode quick --targets nyc_bike hangzhou_metro --seeds 0
 
 One ``PipelineConfig`` per target (the config file's settings, ``sources`` = the other
 cities) is run with ``stgray.pipeline.run_pipeline`` in one process and one Ray; stages
 are content-addressed artifacts in ``--store`` (default ``$STGRAY_STORE`` or
 ./stgray-store), so whatever an earlier run (or another target) already computed -- the
 source cities' prepared data and zoo shards, a seed already done -- is reused, and an
-interrupted run resumes. Rows: the pipeline's results rows (test metrics, de-normalised;
-every choice made on validation), aggregated over seeds (mean and sample std).
-Results go to bench/results/loo.json (quick mode: loo_quick.json).
+interrupted run resumes (quick and full: run the same command again after an
+interruption; only the missing stages are computed). Rows: the pipeline's results rows
+(test metrics, de-normalised; every choice made on validation), aggregated over seeds
+(mean and sample std). Default targets: every city of the config (smoke: the first).
+Results go to bench/results/loo.json (quick: loo_quick.json, smoke: loo_smoke.json; the
+quick plan of ``bench.run`` passes ``--out bench/results/quick/loo_smoke.json``).
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ if str(REPO) not in sys.path:
 
 from bench.common import command_line, machine_info, now_iso, start_ray, write_result  # noqa: E402
 
-CONFIGS = {"quick": "configs/loo-quick.yaml", "full": "configs/loo.yaml"}
-OUT = {"quick": "loo_quick", "full": "loo"}
+CONFIGS = {"smoke": "configs/loo-smoke.yaml", "quick": "configs/loo-quick.yaml", "full": "configs/loo.yaml"}
+OUT = {"smoke": "loo_smoke", "quick": "loo_quick", "full": "loo"}
 
 #: The rows benchmark.md asks for, and the pipeline's method names that provide them.
 EXPECTED_ROWS = [
@@ -109,9 +116,9 @@ def coverage(rows: list[dict], targets: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=list(CONFIGS), default="quick")
-    ap.add_argument("--config", help="LOO config (default: configs/loo-quick.yaml / configs/loo.yaml)")
-    ap.add_argument("--targets", nargs="*", help="targets to run (default: quick the first city, "
-                                                 "full all cities)")
+    ap.add_argument("--config", help="LOO config (default: configs/loo-smoke.yaml / loo-quick.yaml / loo.yaml)")
+    ap.add_argument("--targets", nargs="*", help="targets to run (default: smoke the first city, "
+                                                 "quick and full all cities)")
     ap.add_argument("--seeds", type=int, nargs="*", help="override the config's seeds")
     ap.add_argument("--store", default=None, help="store URL (default $STGRAY_STORE or ./stgray-store)")
     ap.add_argument("--out", default=None)
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
 
     path = a.config or CONFIGS[a.mode]
     cities, base = load_loo_config(str(REPO / path) if not os.path.isabs(path) else path)
-    targets = a.targets or (cities[:1] if a.mode == "quick" else cities)
+    targets = a.targets or (cities[:1] if a.mode == "smoke" else cities)
     bad = [t for t in targets if t not in cities]
     if bad:
         ap.error(f"targets {bad} are not among the config's cities {cities}")

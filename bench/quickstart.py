@@ -5,7 +5,7 @@ process, is kept beside it) of
 `stgray run configs/quickstart.yaml` into a fresh store, then of the same command again
 (every stage skipped).
 
-    python -m bench.quickstart [--config configs/quickstart.yaml]   -> bench/results/quickstart.json
+    python -m bench.quickstart [--config configs/quickstart.yaml] [--out PATH]   -> bench/results/quickstart.json
 """
 
 from __future__ import annotations
@@ -71,20 +71,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--out", default="bench/results/quickstart.json")
     a = ap.parse_args(argv)
+    from bench.common import command_line, machine_info, now_iso, write_result
+
+    started, t0 = now_iso(), time.perf_counter()
     store = tempfile.mkdtemp(prefix="qs-store-")
     cmd = [str(Path(sys.executable).parent / "stgray"), "run", a.config, "--store", store]
     first = measure(cmd)
     second = measure(cmd)
-    from bench.common import machine_info
+    import yaml
 
-    res = {"bench": "quickstart", "mode": "full", "machine": machine_info(), "config": a.config,
+    spec = yaml.safe_load((REPO / a.config).read_text()) if not Path(a.config).is_absolute() else \
+        yaml.safe_load(Path(a.config).read_text())
+    res = {"machine": machine_info(), "config": a.config,
            "summary": {"first_run_s": first["wall_s"], "first_run_peak_gb": first["peak_pss_gb"],
                        "first_run_peak_rss_sum_gb": first["peak_rss_gb"],
                        "second_run_s": second["wall_s"], "second_run_peak_gb": second["peak_pss_gb"],
                        "ok": first["returncode"] == 0 and second["returncode"] == 0},
            "first_tail": first["tail"], "second_tail": second["tail"]}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    write_result("quickstart", res, mode="full", command=command_line(argv, "bench.quickstart"), config=spec,
+                 seeds=list(spec.get("seeds", [0])), started=started, wall_s=time.perf_counter() - t0, out=a.out)
     print(json.dumps(res["summary"], indent=1))
     print("\n".join(first["tail"]))
     return res

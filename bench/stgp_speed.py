@@ -19,8 +19,11 @@ OpenMP threads spin while they wait by default; on a shared machine that turns a
 pre-training step into 10-17 s (load ~5 on 2 cores). The phases run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (recorded in the results).
 
-    python -m bench.stgp_speed [--quick] [--threads 2] [--phases pretrain,domain,...]
-        [--omp-wait-policy PASSIVE] -> bench/results/stgp_speed.json
+    python -m bench.stgp_speed [--quick] [--steps N] [--threads 2] [--phases pretrain,domain,...]
+        [--omp-wait-policy PASSIVE] [--out PATH] -> bench/results/stgp_speed.json
+
+``--quick``: 4 timed steps per phase instead of 12; ``--steps`` sets the count directly
+(the quick plan of ``bench.run`` uses ``--quick --steps 2`` on four phases: a smoke check).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import multiprocessing as mp
 import os
 import resource
 import time
-from pathlib import Path
 
 REFERENCE = {"pretrain_windows_per_s": 2.45, "pretrain_s_per_step": 3.3, "pretrain_peak_gb": 3.6,
              "domain_s_per_step": 3.4, "task_windows_per_s": 1.04, "task_s_per_step": 7.7}
@@ -164,7 +166,8 @@ def summarise(by: dict) -> tuple[dict, dict]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="4 timed steps per phase (default 12)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per phase (overrides --quick)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per phase (reference machine: 2 cores)")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ", ".join(PHASES))
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -173,15 +176,18 @@ def main(argv=None) -> dict:
                          "machine; PASSIVE costs little on an idle one")
     ap.add_argument("--out", default="bench/results/stgp_speed.json")
     a = ap.parse_args(argv)
-    steps = 4 if a.quick else 12
+    steps = a.steps or (4 if a.quick else 12)
     names = [x for x in a.phases.split(",") if x]
     if unknown := set(names) - set(PHASES):
         raise SystemExit(f"unknown phases {sorted(unknown)}")
     if a.omp_wait_policy:  # read by the OpenMP runtime at start-up: set before spawning
         os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy
+    from bench.common import command_line, machine_info, now_iso, write_result
+
     ctx = mp.get_context("spawn")
     rows = []
     load0 = os.getloadavg()
+    started, t0 = now_iso(), time.perf_counter()
     for name in names:
         q = ctx.Queue()
         proc = ctx.Process(target=_phase, args=(name, steps, 8, a.threads, q))
@@ -190,14 +196,15 @@ def main(argv=None) -> dict:
         proc.join()
         print(json.dumps(rows[-1]), flush=True)
     summary, met = summarise({r["phase"]: r for r in rows})
-    from bench.common import machine_info
-
-    res = {"bench": "stgp_speed", "mode": "quick" if a.quick else "full", "machine": machine_info(),
+    mode = "quick" if a.quick or a.steps else "full"
+    config = {"steps": steps, "batch": 8, "threads": a.threads, "phases": names,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    res = {"machine": machine_info(), "config": config,
            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "reference": REFERENCE, "targets": TARGETS,
            "phases": rows, "summary": summary, "meets_target": met}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    write_result("stgp_speed", res, mode=mode, command=command_line(argv, "bench.stgp_speed"), config=config,
+                 seeds=[0], started=started, wall_s=time.perf_counter() - t0, out=a.out)
     print(json.dumps({"summary": summary, "meets_target": met}, indent=1))
     return res
 

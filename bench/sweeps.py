@@ -4,7 +4,7 @@ validation MAE and sampling time vs diffusion steps; each sweep's winner evaluat
 on test by its report. Runs the real CLI (`stgray sweep run ... --report`) on
 configs/sweep_stgp.yaml and configs/sweep_gpdiff.yaml, scaled down with --quick.
 
-    python -m bench.sweeps [--quick] [--store PATH]     -> bench/results/sweeps.json
+    python -m bench.sweeps [--quick] [--store PATH] [--out PATH]   -> bench/results/sweeps.json
 
 ``--store``: reuse a store that already holds the quick start's artefacts (e.g. the one
 `stgray run configs/quickstart.yaml` wrote), so only the sweeps are timed; by default a
@@ -98,12 +98,15 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-sweeps-"))
     store = a.store or str(work / "store")
     exe = str(Path(sys.executable).parent / "stgray")
-    from bench.common import machine_info
+    from bench.common import command_line, machine_info, now_iso, write_result
 
     machine = machine_info()
+    started, t0 = now_iso(), time.perf_counter()
+    specs = {}
     rows, summary, runs = [], {}, {}
     for method in ("stgp", "gpdiff"):
         cfg = _config(method, a.quick, work)
+        specs[method] = yaml.safe_load(cfg.read_text())
         secs, out = _run([exe, "sweep", "run", str(cfg), "--store", store, "--report"])
         from stgray.store import ArtifactStore
         from stgray.sweeps.config import experiment_name, load_sweep
@@ -139,11 +142,13 @@ def main(argv=None) -> dict:
                            gpdiff_diverged_trials=sum(bool(r.get("diverged")) for r in tr),
                            gpdiff_sweep_s=secs - base_s)
         print(json.dumps(runs[method], default=str), flush=True)
-    res = {"bench": "sweeps", "mode": "quick" if a.quick else "full", "machine": machine,
-           "command": ".venv/bin/python -m bench.sweeps" + (" --quick" if a.quick else ""),
-           "target": "nyc_bike", "summary": summary, "runs": runs, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1, default=str))
+    res = {"machine": machine, "target": "nyc_bike", "summary": summary, "runs": runs, "rows": rows}
+    # the measurement: each sweep spec (its base config's path aside) and the base config itself
+    base_cfg = yaml.safe_load(Path(specs["stgp"]["base"]).read_text())
+    write_result("sweeps", res, mode="quick" if a.quick else "full", command=command_line(argv, "bench.sweeps"),
+                 config={"sweeps": {k: {kk: vv for kk, vv in v.items() if kk != "base"} for k, v in specs.items()},
+                         "base": base_cfg}, seeds=list(base_cfg.get("seeds", [0])), started=started,
+                 wall_s=time.perf_counter() - t0, out=a.out)
     print(json.dumps(summary, indent=1))
     return res
 

@@ -4,6 +4,7 @@ tensors, against a plain pyarrow read of the same objects from the same server.
 
     .venv/bin/python bench/token_pipeline.py                 # 5,000 STGCN rows
     .venv/bin/python bench/token_pipeline.py --rows 2000     # quick
+    .venv/bin/python bench/token_pipeline.py --rows 500 --repeats 1 --batch 256   # smoke
 
 Steps:
   1. a synthetic zoo of ``--rows`` STGCN-sized models (P = 16,960; parameters drawn with
@@ -48,6 +49,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import command_line, now_iso, write_result  # noqa: E402
 
 from stgray.data.city import CITY_KIND, City, edges_from_dense, write_city  # noqa: E402
 from stgray.data.prepare import PrepareConfig, prepare_to_store  # noqa: E402
@@ -183,6 +186,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "token_pipeline.json"))
     args = ap.parse_args()
+    started, t_start = now_iso(), time.perf_counter()
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -270,9 +274,11 @@ def main() -> None:
 
         shutil.rmtree(work, ignore_errors=True)
     out["machine"]["loadavg_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {args.out}")
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    mode = "full" if all(v == ap.get_default(k) for k, v in config.items()) else "custom"  # full: the defaults
+    path = write_result("token_pipeline", out, mode=mode, command=command_line(), config=config, seeds=[0],
+                        started=started, wall_s=time.perf_counter() - t_start, out=args.out)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

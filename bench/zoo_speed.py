@@ -1,6 +1,7 @@
 """Model-zoo speed: the batched per-node programs vs training the same models one at a
 time (a single-model loop like the reference), on nyc_bike cut to 3,624 hourly steps.
 
+    .venv/bin/python bench/zoo_speed.py --mode smoke     # ~1 min: 1-4 nodes, 1 epoch (shape only)
     .venv/bin/python bench/zoo_speed.py --mode quick     # minutes; extrapolates
     .venv/bin/python bench/zoo_speed.py --mode full      # reference-sized runs
 
@@ -23,6 +24,10 @@ Per-node times for 30 epochs / for the recipe are extrapolated from per-node-epo
 times when fewer epochs were run (quick mode says so in the JSON).
 Also: the machine's fp32 matmul rate (2048 x 2048, torch, 2 threads) and the load
 average (the development machine is shared: timings under load are noisy).
+``--mode smoke`` (the quick plan of ``bench.run``) runs both architectures on 1-4 nodes of
+the first 1,200 steps for one epoch, and the recipe's learning rate for 1 epoch against 1
+reference epoch instead of 30: it checks that every figure is produced; its numbers are
+not measurements.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import _cpu_model  # noqa: E402
+from bench.common import _cpu_model, command_line, now_iso, write_result  # noqa: E402
 
 from stgray.config import content_hash  # noqa: E402
 from stgray.data.city import City, edges_from_dense  # noqa: E402
@@ -54,8 +59,11 @@ from stgray.nn.gpdiff.pernode import (PerNodeArch, build_neighbourhoods, flops_p
 
 STEPS = 3624
 MODES = {
-    "smoke": {"compare": {"stgcn": (2, 1), "gwn": (1, 1)}, "throughput": {"stgcn": (4, 1), "gwn": (2, 1)},
-              "recipe_nodes": {"stgcn": 2, "gwn": 1}, "reference_epochs": 2},
+    # smoke: the first 1,200 steps only, 1 epoch everywhere (the recipe's lr for 1 epoch vs
+    # 1 reference epoch): checks the figures' shape in about a minute
+    "smoke": {"steps": 1200, "compare": {"stgcn": (2, 1), "gwn": (1, 1)},
+              "throughput": {"stgcn": (4, 1), "gwn": (2, 1)},
+              "recipe_nodes": {"stgcn": 2, "gwn": 1}, "reference_epochs": 1, "recipe_epochs": 1},
     # compare: nodes, epochs; throughput: nodes, epochs; recipe: (lr, epochs)
     "quick": {"compare": {"stgcn": (4, 2), "gwn": (3, 1)},
               "throughput": {"stgcn": (69, 1), "gwn": (69, 1)},
@@ -69,9 +77,9 @@ REFERENCE = {"lr": 1e-4, "weight_decay": 1e-2, "batch_size": 64, "epochs": 30}
 TARGET_S_PER_NODE = {"stgcn": 2.0, "gwn": 12.0}
 
 
-def nyc_bike(data_dir: Path) -> City:
+def nyc_bike(data_dir: Path, steps: int = STEPS) -> City:
     d = data_dir / "nyc_bike_taxi_zones"
-    a = np.load(d / "201901-202012-NYCbike-inoutflow.npz")["arr_0"][:STEPS].astype(np.float32)
+    a = np.load(d / "201901-202012-NYCbike-inoutflow.npz")["arr_0"][:steps].astype(np.float32)
     adj = pd.read_csv(d / "W_adj_matrix.csv")
     ids, adj = list(adj.columns), adj.to_numpy(np.float32)
     e, w = edges_from_dense(adj)
@@ -210,20 +218,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "zoo_speed.json"))
     args = ap.parse_args()
     mode = MODES[args.mode]
+    started, t_start = now_iso(), time.perf_counter()
     out: dict = {
-        "bench": "zoo_speed", "mode": args.mode,
         "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "numpy": np.__version__, "ray": _version("ray"),
                     "loadavg_start": os.getloadavg()},
         "matmul_fp32_2048_2threads_gflops": matmul_rate(2) / 1e9,
-        "data": {"dataset": "nyc_bike_taxi_zones bike inflow", "steps": STEPS, "t_in": 12, "t_out": 6,
+        "data": {"dataset": "nyc_bike_taxi_zones bike inflow", "steps": mode.get("steps", STEPS), "t_in": 12, "t_out": 6,
                  "batch": 64, "split": "source 80/20 train/val, train-only normalisation"},
         "reference_protocol": REFERENCE, "recipe": {k: {"lr": v[0], "epochs": v[1]} for k, v in RECIPE.items()},
         "targets_s_per_node": TARGET_S_PER_NODE, "threads": args.threads, "archs": {},
     }
     torch.set_num_threads(args.threads)
-    p = prepare(nyc_bike(Path(args.data_dir)), PrepareConfig(), "source")
+    p = prepare(nyc_bike(Path(args.data_dir), mode.get("steps", STEPS)), PrepareConfig(), "source")
     rng = np.random.default_rng(0)
     for arch_name in args.archs.split(","):
         arch = PerNodeArch(arch=arch_name)
@@ -255,12 +263,13 @@ def main() -> None:
         n_rec = mode["recipe_nodes"][arch_name]
         rec_nodes = np.sort(rng.choice(p.num_nodes, n_rec, replace=False))
         lr, ep = RECIPE[arch_name]
-        print(f"[{arch_name}] recipe: reference 30 epochs vs lr {lr} x {ep} on {n_rec} nodes", flush=True)
-        ref30 = batched(p, rec_nodes, ref_cfg.model_copy(
-            update={"epochs": mode.get("reference_epochs", REFERENCE["epochs"])}))
-        fast = batched(p, rec_nodes, ref_cfg.model_copy(update={"lr": lr, "epochs": ep}))
+        ref_ep, rec_ep = mode.get("reference_epochs", REFERENCE["epochs"]), min(ep, mode.get("recipe_epochs", ep))
+        print(f"[{arch_name}] recipe: reference {ref_ep} epochs vs lr {lr} x {rec_ep} on {n_rec} nodes", flush=True)
+        ref30 = batched(p, rec_nodes, ref_cfg.model_copy(update={"epochs": ref_ep}))
+        fast = batched(p, rec_nodes, ref_cfg.model_copy(update={"lr": lr, "epochs": rec_ep}))
         better = [f <= r for f, r in zip(fast["val_mae"], ref30["val_mae"])]
         res["recipe"] = {"node_ids": rec_nodes.tolist(), "reference_30_epochs": ref30, "recipe": fast,
+                         "reference_epochs_run": ref_ep, "recipe_epochs_run": rec_ep,
                          "recipe_at_least_as_accurate_per_node": better,
                          "recipe_at_least_as_accurate_mean": fast["val_mae_mean"] <= ref30["val_mae_mean"]}
         per_ne = tp["wall_s_per_node_epoch"]
@@ -282,9 +291,12 @@ def main() -> None:
         print(json.dumps(res["summary"], indent=1), flush=True)
         out["archs"][arch_name] = res
     out["machine"]["loadavg_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {args.out}")
+    config = {"mode": mode, "archs": args.archs, "threads": args.threads, "steps": mode.get("steps", STEPS),
+              "recipe": RECIPE, "reference": REFERENCE}
+    seeds = sorted({a["seed"] for a in out["archs"].values()} | {0})  # zoo seed; 0: node choice
+    path = write_result("zoo_speed", out, mode=args.mode, command=command_line(), config=config,
+                        seeds=seeds, started=started, wall_s=time.perf_counter() - t_start, out=args.out)
+    print(f"wrote {path}")
 
 
 def _train_share(tp: dict, cfg: ZooConfig) -> float:
