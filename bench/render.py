@@ -276,10 +276,7 @@ def r_loo(name: str, res: dict, ctx: Ctx) -> list[str]:
                 gain = 100.0 * (b["mae"] - r["mae"]) / b["mae"]
                 imp.append({"target": t, "task": task, "method": r["method"], "MAE": r["mae"],
                             "best baseline": b["method"], "baseline MAE": b["mae"], "improvement %": gain})
-            best = min(meth, key=lambda r: r["mae"])
-            g = 100.0 * (b["mae"] - best["mae"]) / b["mae"]
-            ctx.target(name, f"{t} {task}: best method vs best baseline (MAE)", "beats it (> 0%)",
-                       f"{best['method']} {g:+.1f}% vs {b['method']}", g > 0)
+    _loo_criteria(name, agg, list(per) or sorted({r["target"] for r in agg}), ctx)
     if imp:
         md += ["### Improvement over the best baseline (MAE)", "",
                "Positive = the method beats the best baseline row of the same target and task. The "
@@ -300,6 +297,36 @@ def r_loo(name: str, res: dict, ctx: Ctx) -> list[str]:
     if agg:
         md += [_plot_loo(name, agg), ""]
     return md
+
+
+#: The issues' transfer criteria: (issue, method row, task, the rows it must beat on MAE).
+LOO_CRITERIA = [
+    ("#3", "GPDiff few-shot", "forecast", "every baseline row"),
+    ("#4", "STGP (domain + task prompts)", "forecast", "every non-STGP baseline"),
+    ("#4", "STGP (domain + task prompts)", "kriging", "every non-STGP baseline"),
+]
+
+
+def _loo_criteria(name: str, agg: list[dict], targets: list[str], ctx: Ctx) -> None:
+    """Per issue criterion: on how many targets the method's mean test MAE is below every
+    baseline row of the same target and task (target: at least 3 of the 4 cities)."""
+    for issue, method, task, against in LOO_CRITERIA:
+        wins, detail = [], []
+        for t in targets:
+            rs = [r for r in agg if r["target"] == t and r["task"] == task and "mae" in r]
+            m = next((r for r in rs if r["method"] == method), None)
+            base = [r for r in rs if r["method"] in BASELINES]
+            if m is None or not base:
+                continue
+            b = min(base, key=lambda r: r["mae"])
+            ok = m["mae"] < b["mae"]
+            wins.append(ok)
+            detail.append(f"{t} {100.0 * (b['mae'] - m['mae']) / b['mae']:+.1f}% vs {b['method']}")
+        if wins:
+            four = len(wins) >= 4
+            ctx.target(name, f"{issue} {method} beats {against} ({task}, MAE, mean over seeds)",
+                       "on >= 3 of 4 targets", f"{sum(wins)} of {len(wins)}: " + "; ".join(detail),
+                       sum(wins) >= 3 if four else None, "" if four else "fewer than four targets run")
 
 
 def _plot_loo(name: str, agg: list[dict]) -> str:
@@ -482,7 +509,8 @@ def r_zoo(name: str, res: dict, ctx: Ctx) -> list[str]:
         ctx.target(name, f"{arch} zoo: s per node for a 30-epoch-equivalent recipe "
                          f"(lr {recipe.get('lr')}, {recipe.get('epochs')} epochs)",
                    f"≤ {fmt(s.get('target_s_per_node'))} s", f"{fmt(s.get('batched_s_per_node_recipe'))} s"
-                   + (" (extrapolated)" if s.get("extrapolated") else ""), s.get("meets_target_with_recipe"))
+                   + (" (extrapolated)" if s.get("extrapolated") else ""), s.get("meets_target_with_recipe"),
+                   _recipe_note(a.get("recipe", {})))
         ctx.ratio(name, f"{arch}: batched program vs one model at a time (node-epochs/s)",
                   s.get("speedup_per_node_epoch_vs_single_loop"))
         mm = res.get("matmul_fp32_2048_2threads_gflops")
@@ -497,6 +525,16 @@ def r_zoo(name: str, res: dict, ctx: Ctx) -> list[str]:
     return md
 
 
+def _recipe_note(rec: dict) -> str:
+    """The accuracy half of the zoo target: recipe vs the reference's 30 epochs on validation."""
+    per = rec.get("recipe_at_least_as_accurate_per_node")
+    r, f = rec.get("reference_30_epochs", {}), rec.get("recipe", {})
+    if per is None or "val_mae_mean" not in r:
+        return ""
+    return (f"val MAE recipe {fmt(f.get('val_mae_mean'))} vs 30 reference epochs {fmt(r['val_mae_mean'])} "
+            f"(mean); at least as accurate on {sum(per)} of {len(per)} nodes (status needs all)")
+
+
 def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:
     ts = res.get("tokens_stage", {})
     md = [f"Tokens stage: {ts.get('rows')} STGCN rows (P = {ts.get('P')}, L = {ts.get('L')} tokens of "
@@ -508,11 +546,13 @@ def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:
             rows.append({"batch": batch, "reader": how, "median s": v.get("median_s"), "rows/s": v.get("rows_per_s"),
                          "payload MB/s": v.get("payload_mb_per_s"), "stored MB/s": v.get("stored_mb_per_s"),
                          "vs pyarrow": v.get("over_pyarrow", 1.0 if how == "pyarrow" else None)})
-        rd = d.get("ray_data", {}).get("over_pyarrow")
-        ctx.target(name, f"Ray Data rows/s vs pyarrow, batch {batch}", res.get("target", "≥ 70%"),
-                   f"{100 * rd:.0f}%" if rd is not None else "-",
-                   (res.get("meets_target") or {}).get(batch))
-        ctx.ratio(name, f"Ray Data / pyarrow rows/s (batch {batch})", rd)
+        sg, rd = d.get("stgray", {}).get("over_pyarrow"), d.get("ray_data", {}).get("over_pyarrow")
+        ctx.target(name, f"stgray's Ray Data read (legacy datasource + Arrow collate) rows/s vs pyarrow, "
+                         f"batch {batch}", "≥ 70%", f"{100 * sg:.0f}%" if sg is not None else "-",
+                   sg >= 0.7 if sg is not None else None,
+                   f"Ray's default read: {100 * rd:.0f}%" if rd is not None else "")
+        ctx.ratio(name, f"stgray's Ray Data read / pyarrow rows/s (batch {batch})", sg)
+        ctx.ratio(name, f"Ray Data default / pyarrow rows/s (batch {batch})", rd)
         leg = d.get("ray_data_legacy_datasource", {}).get("over_pyarrow")
         ctx.ratio(name, f"Ray Data legacy datasource / pyarrow rows/s (batch {batch})", leg)
     return md + table(rows)
@@ -539,6 +579,13 @@ def r_diffusion(name: str, res: dict, ctx: Ctx) -> list[str]:
                          "test MAE": acc["test"]["mae"], "test RMSE": acc["test"]["rmse"]})
     md += table(rows)
     ctx.ratio(name, "DDIM (50 steps) / DDPM (500 steps) sampling speed", s.get("ddim_speedup"))
+    zs = res.get("zero_shot_target", {})
+    a, b = (zs.get(k, {}).get("test", {}).get("mae") for k in ("ddim", "ddpm"))
+    if s.get("ddim_speedup") and a is not None and b:
+        gap = 100.0 * (a - b) / b
+        ctx.target(name, "DDIM 50 steps vs DDPM 500 steps: sampling speed and zero-shot test MAE",
+                   "≥ 8x faster, MAE within 2%", f"{s['ddim_speedup']:.1f}x, MAE {gap:+.1f}% ({fmt(a)} vs {fmt(b)})",
+                   s["ddim_speedup"] >= 8 and gap <= 2.0)
     pd_ = res.get("param_distance_std_units")
     if pd_:
         md += ["Parameter-space distances (standardised units): " +
@@ -558,25 +605,33 @@ def r_stgp(name: str, res: dict, ctx: Ctx) -> list[str]:
     if ref:
         md += ["Reference figures (issue #4, the reference code on this kind of machine): " +
                ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ref.items()) + ".", ""]
-    if "pretrain" in ph and "pretrain_windows_per_s" in ref:
-        v = ph["pretrain"]["windows_per_s"]
-        ctx.target(name, "STGP pre-training windows/s (reference sizes)", f"≥ reference {ref['pretrain_windows_per_s']}",
-                   fmt(v), v >= ref["pretrain_windows_per_s"])
-        ctx.ratio(name, "STGP pre-training windows/s vs reference", v / ref["pretrain_windows_per_s"])
-    if "pretrain" in ph and "pretrain_peak_gb" in ref:
-        v = ph["pretrain"]["peak_rss_gb"]
-        ctx.target(name, "STGP pre-training peak memory", f"≤ reference {ref['pretrain_peak_gb']} GB",
-                   f"{fmt(v)} GB", v <= ref["pretrain_peak_gb"])
-    if "domain" in ph and "domain_s_per_step" in ref:
-        v = ph["domain"]["median_s_per_step"]
-        ctx.target(name, "STGP domain prompting s/step", f"≤ reference {ref['domain_s_per_step']}",
-                   fmt(v), v <= ref["domain_s_per_step"])
-        ctx.ratio(name, "STGP domain prompting speed vs reference", ref["domain_s_per_step"] / v)
+    # issue #4's targets: multiples of the reference (TARGETS in bench/stgp_speed.py)
+    tg = {"pretrain_speedup": 5.0, "pretrain_peak_gb_ratio": 0.5, "task_speedup": 10.0, "domain_speedup": 3.0,
+          **res.get("targets", {})}
+    for phase, label in (("pretrain", "pre-training"), ("pretrain_bf16", "pre-training, bf16")):
+        if phase in ph and "pretrain_windows_per_s" in ref:
+            v = ph[phase]["windows_per_s"] / ref["pretrain_windows_per_s"]
+            ctx.target(name, f"STGP {label} windows/s vs the reference (reference sizes)",
+                       f"≥ {fmt(tg['pretrain_speedup'])}x", f"{v:.2f}x ({fmt(ph[phase]['windows_per_s'])}/s)",
+                       v >= tg["pretrain_speedup"], "bf16 autocast on CPU: not the default" if "bf16" in phase else "")
+            ctx.ratio(name, f"STGP {label} windows/s vs reference", v)
+        if phase in ph and "pretrain_peak_gb" in ref:
+            v = ph[phase]["peak_rss_gb"] / ref["pretrain_peak_gb"]
+            ctx.target(name, f"STGP {label} peak memory vs the reference ({ref['pretrain_peak_gb']} GB)",
+                       f"≤ {fmt(tg['pretrain_peak_gb_ratio'])}x", f"{v:.3f}x ({fmt(ph[phase]['peak_rss_gb'])} GB)",
+                       v <= tg["pretrain_peak_gb_ratio"])
+    for phase, label in (("domain", "domain prompting"), ("domain_bf16", "domain prompting, bf16")):
+        if phase in ph and "domain_s_per_step" in ref:
+            v = ref["domain_s_per_step"] / ph[phase]["median_s_per_step"]
+            ctx.target(name, f"STGP {label} speed vs the reference (s/step)", f"≥ {fmt(tg['domain_speedup'])}x",
+                       f"{v:.2f}x ({fmt(ph[phase]['median_s_per_step'])} s/step)", v >= tg["domain_speedup"],
+                       "bf16 autocast on CPU: not the default" if "bf16" in phase else "")
+            ctx.ratio(name, f"STGP {label} speed vs reference", v)
     if "task" in ph and "task_windows_per_s" in ref:
-        v = ph["task"]["windows_per_s"]
-        ctx.target(name, "STGP task prompting windows/s", f"≥ reference {ref['task_windows_per_s']}",
-                   fmt(v), v >= ref["task_windows_per_s"])
-        ctx.ratio(name, "STGP task prompting windows/s vs reference", v / ref["task_windows_per_s"])
+        v = ph["task"]["windows_per_s"] / ref["task_windows_per_s"]
+        ctx.target(name, "STGP task prompting windows/s vs the reference", f"≥ {fmt(tg['task_speedup'])}x",
+                   f"{v:.2f}x ({fmt(ph['task']['windows_per_s'])}/s)", v >= tg["task_speedup"])
+        ctx.ratio(name, "STGP task prompting windows/s vs reference", v)
     s = res.get("summary", {})
     if s.get("task_prompt_vs_finetune_step_time"):
         ctx.ratio(name, "STGP task prompting vs full fine-tuning (step speed)",
@@ -806,8 +861,9 @@ def render(results: Path = RESULTS, out: Path | None = None) -> str:
                "Criteria: the issue's targets where it states one (zoo, token pipeline, STGP vs the "
                "reference code); for scale, 'linear' means the time per node at the largest size is at "
                "most 1.2x that at the next size (fixed costs such as Ray start-up blur the small "
-               "sizes), and 'flat' a peak at most 1.5x the smallest size's; for transfer, beating the "
-               "best baseline row of the same target and task.", ""]
+               "sizes), and 'flat' a peak at most 1.5x the smallest size's; for transfer, the issues' "
+               "criteria: the method's mean test MAE below every baseline row of the same target and "
+               "task, on at least 3 of the 4 cities.", ""]
         md += table(ctx.targets, ["benchmark", "what", "target", "measured", "status", "note"])
     if ctx.ratios:
         md += ["## Throughput ratios", "", *smoke,
