@@ -13,6 +13,7 @@ from stgray.nn.stgp.decoder import GatedSTLayer
 from stgray.nn.stgp.encoder import EncoderLayer, FastDropout
 from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear,
                                    ReluMLP)
+from .test_model import ring_adj
 
 
 def _leaves(*shapes, seed=0, dtype=torch.float32):
@@ -100,15 +101,6 @@ def test_gated_mix_matches_plain_ops(dropout):
     _same(GatedMix.apply(tp, sp, wt, bt, ws, keep), plain, [tp, sp, wt, bt, ws])
 
 
-def _ring(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.zeros(n, n)
-    for i in range(n):
-        a[i, (i + 1) % n] = 0.2 + torch.rand(1, generator=g).item()
-        a[(i + 3) % n, i] = 0.2 + torch.rand(1, generator=g).item()
-    return a
-
-
 def _plain_gcn(layer: GatedSTLayer, x, graph: STGraph):
     """Linear([x, S1 x, .., S1^K x, S2 x, .., S2^K x]) with dense supports."""
     hs = [x]
@@ -125,7 +117,7 @@ def _plain_gcn(layer: GatedSTLayer, x, graph: STGraph):
 def test_graph_conv_matches_concatenated_linear(density):
     torch.manual_seed(0)
     layer = GatedSTLayer(8, 6, dilation=1, kernel_size=3, order=2, num_supports=2, dropout=0.0)
-    graph = STGraph.from_adj(_ring(7), sparse_density=density)
+    graph = STGraph.from_adj(ring_adj(7, back=3), sparse_density=density)
     assert graph.sparse == (density == 1.0)
     (x,) = _leaves((7, 2, 5, 8))
     params = [x, layer.gcn.weight, layer.gcn.bias]
@@ -135,7 +127,7 @@ def test_graph_conv_matches_concatenated_linear(density):
 def test_graph_conv_bf16_uses_dense_copy_of_sparse_graph():
     torch.manual_seed(0)
     layer = GatedSTLayer(8, 6, dilation=1, kernel_size=3, order=2, num_supports=2, dropout=0.0)
-    graph = STGraph.from_adj(_ring(7), sparse_density=1.0)
+    graph = STGraph.from_adj(ring_adj(7, back=3), sparse_density=1.0)
     assert graph.sparse and graph.powers is not None
     assert len(graph.diffusion_levels(2, torch.bfloat16)) == 1 and len(graph.diffusion_levels(2)) == 4
     (x,) = _leaves((7, 2, 5, 8))
@@ -166,7 +158,7 @@ def _plain_layer(layer: GatedSTLayer, x, graph, skip):
 def test_decoder_layer_matches_plain_ops(dilation):
     torch.manual_seed(0)
     layer = GatedSTLayer(8, 6, dilation=dilation, kernel_size=3, order=2, num_supports=2, dropout=0.0)
-    graph = STGraph.from_adj(_ring(7))
+    graph = STGraph.from_adj(ring_adj(7, back=3))
     x, skip = _leaves((7, 2, 5, 8), (70, 6))
     fx, fs = layer(x, graph, skip)
     px, ps = _plain_layer(layer, x, graph, skip)

@@ -23,12 +23,13 @@ def tiny_cfg(**kw) -> STGPModelConfig:
     return STGPModelConfig(**base)
 
 
-def ring_adj(n: int, seed: int = 0) -> torch.Tensor:
+def ring_adj(n: int, seed: int = 0, back: int = 2) -> torch.Tensor:
+    """(n, n) weighted ring: edges i -> i+1 and i+back -> i, weights in [0.2, 1.2)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.zeros(n, n)
     for i in range(n):
         a[i, (i + 1) % n] = 0.2 + torch.rand(1, generator=g).item()
-        a[(i + 2) % n, i] = 0.2 + torch.rand(1, generator=g).item()
+        a[(i + back) % n, i] = 0.2 + torch.rand(1, generator=g).item()
     return a
 
 
