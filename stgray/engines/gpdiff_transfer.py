@@ -32,12 +32,23 @@ class TransferConfig(StageConfig):
     samples_per_node: int = Field(4, gt=0, description="generated candidates per node (picked on validation)")
     sampler: Literal["ddpm", "ddim"] = "ddim"
     sampling_steps: int = Field(50, gt=0)
-    finetune_epochs: int = Field(20, ge=0)
-    scratch_epochs: int = Field(20, ge=0)
+    finetune_epochs: int = Field(40, ge=0, description="few-shot fine-tuning epochs on the target's "
+                                 "train days (each node keeps its best validation epoch)")
+    scratch_epochs: int = Field(60, ge=0, description="epochs of the target-only baseline")
     pooled_epochs: int = Field(20, ge=0, description="epochs of the pooled-source baseline on the "
                                "sources (0: no pooled row); fine-tuned for finetune_epochs")
-    seed: int = 0
+    batch_size: int = Field(16, gt=0, description="windows per step for every training on the target "
+                            "(a few days hold few windows: 3 days at 1 h give 55 of 12+6 steps)")
+    lr: float = Field(3e-3, gt=0, description="Adam step size for every training on the target")
+    seed: int = Field(0, description="seeds the scratch initialisations, the pooled model, the "
+                      "sampling and the batch order")
     device: str = "cpu"
+
+
+def target_training(zoo_cfg: ZooConfig, cfg: TransferConfig) -> ZooConfig:
+    """The zoo's training settings with the target's batch size, step size and run seed: the
+    zoo's are set for months of source data and would give one step per epoch on a few days."""
+    return zoo_cfg.model_copy(update={"batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed})
 
 
 def _mae_per_node(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -76,10 +87,11 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
     pick = cand.argmin(1)
     zero = gen[nodes, pick]
     t0 = time.perf_counter()
-    few = finetune_nodes(p, zero, zoo_cfg, cfg.finetune_epochs, node_ids=nodes) if cfg.finetune_epochs else zero
+    target_cfg = target_training(zoo_cfg, cfg)
+    few = finetune_nodes(p, zero, target_cfg, cfg.finetune_epochs, node_ids=nodes) if cfg.finetune_epochs else zero
     few_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scratch = train_models(p, nodes, zoo_cfg, epochs=cfg.scratch_epochs).params
+    scratch = train_models(p, nodes, target_cfg, epochs=cfg.scratch_epochs).params
     scratch_s = time.perf_counter() - t0
     zoo = load_zoo(store, zoo_id)
     methods = [("GPDiff zero-shot", zero, 0.0), ("GPDiff few-shot", few, few_s),
@@ -90,8 +102,9 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
 
         t0 = time.perf_counter()
         sources = [load_prepared(store, pid) for pid in zoo.splits]
-        vec, pooled_info = train_pooled(sources, zoo_cfg, cfg.pooled_epochs, device=cfg.device)
-        pooled = finetune_nodes(p, np.repeat(vec[None], n, 0), zoo_cfg, cfg.finetune_epochs,
+        vec, pooled_info = train_pooled(sources, zoo_cfg.model_copy(update={"seed": cfg.seed}),
+                                        cfg.pooled_epochs, device=cfg.device)
+        pooled = finetune_nodes(p, np.repeat(vec[None], n, 0), target_cfg, cfg.finetune_epochs,
                                 node_ids=nodes) if cfg.finetune_epochs else np.repeat(vec[None], n, 0)
         methods.append(("pooled sources + fine-tune", pooled, time.perf_counter() - t0))
     rows, preds = [], {}

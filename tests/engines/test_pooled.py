@@ -30,3 +30,20 @@ def test_pooled_model_is_shared_selected_on_source_validation_and_learns(dataset
     va = a.window_starts("val", 12, 6)[:40]
     pred = predict_nodes(a, np.repeat(vec[None], 3, 0), cfg, [0, 1, 2], va)
     assert pred.shape == (40, 6, 3) and np.isfinite(pred).all()
+
+
+def test_target_side_training_follows_the_run_seed_and_its_own_batch(datasets_dir):
+    from stgray.engines.gpdiff_transfer import TransferConfig, target_training
+    from stgray.engines.zoo import train_models
+
+    zoo_cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), lr=1e-4, batch_size=64, seed=7)
+    t0, t1 = (target_training(zoo_cfg, TransferConfig(seed=s, batch_size=8, lr=3e-3)) for s in (0, 1))
+    assert (t0.batch_size, t0.lr, t0.seed, t1.seed) == (8, 3e-3, 0, 1)
+    assert t0.model == zoo_cfg.model
+    p = prepare(nyc_bike(datasets_dir, days=8, nodes=3), PrepareConfig(), "target")
+    a, b = (train_models(p, [0, 1], c, epochs=1).params for c in (t0, t1))
+    assert not np.array_equal(a, b)  # a seed's scratch models are its own (std over seeds > 0)
+    src = prepare(nyc_bike(datasets_dir, days=8, nodes=3), PrepareConfig(), "source")
+    va, vb = (train_pooled([src], zoo_cfg.model_copy(update={"seed": s}), epochs=1, device="cpu")[0]
+              for s in (0, 1))
+    assert not np.array_equal(va, vb)
