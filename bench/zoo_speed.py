@@ -52,7 +52,7 @@ from bench.common import _cpu_model, command_line, now_iso, write_result  # noqa
 from stgray.config import content_hash  # noqa: E402
 from stgray.data.city import City, edges_from_dense  # noqa: E402
 from stgray.data.prepare import PrepareConfig, prepare  # noqa: E402
-from stgray.engines.zoo import ZooConfig, node_seeds, train_models  # noqa: E402
+from stgray.engines.zoo import ZooConfig, init_seeds, train_models  # noqa: E402
 from stgray.nn.gpdiff.pernode import (PerNodeArch, build_neighbourhoods, flops_per_sample,  # noqa: E402
                                       init_vectors, load_vector, make_layout, node_features,
                                       single_model)
@@ -122,7 +122,7 @@ def single_loop(p, nodes: np.ndarray, cfg: ZooConfig) -> dict:
     va = torch.as_tensor(p.window_starts("val", arch.t_in, arch.t_out))
     gen = _perm_rng(cfg, p, nodes)
     perms = [tr[gen.permutation(len(tr))] for _ in range(cfg.epochs)]
-    inits = init_vectors(arch, node_seeds(cfg.seed, p.name, nodes))
+    inits = init_vectors(arch, init_seeds(cfg, p.name, nodes))
     nb = build_neighbourhoods(p.adj, nodes, binary=arch.adjacency == "binary", eps=arch.adj_eps)
     std2 = float(p.std) ** 2
     maes = []

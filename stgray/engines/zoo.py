@@ -79,6 +79,10 @@ class ZooConfig(StageConfig):
     loss: Literal["denormalised", "normalised"] = "denormalised"
     nodes_per_shard: int = Field(64, gt=0)
     node_limit: int | None = Field(None, gt=0, description="train only the first n nodes of each city")
+    init: Literal["shared", "per_node"] = Field(
+        "shared", description="shared: every model starts from one initialisation (seeded by "
+        "``seed``), so the zoo's parameters are aligned and the diffusion learns one "
+        "distribution, not a mixture over hidden-unit permutations; per_node: one per node")
     seed: int = 0
     # execution only
     num_workers: int = Field(1, gt=0)
@@ -101,6 +105,13 @@ class ZooConfig(StageConfig):
 def node_seeds(seed: int, city: str, nodes) -> list[int]:
     """One init seed per (seed, city, node): a node's initial model never depends on the shard."""
     return [int(content_hash([seed, city, int(n)], 15), 16) for n in nodes]
+
+
+def init_seeds(cfg: ZooConfig, city: str, nodes) -> list[int]:
+    """The init seed of each node's model under ``cfg.init`` (never depends on the shard)."""
+    if cfg.init == "shared":
+        return [int(content_hash([cfg.seed, "shared-init"], 15), 16)] * len(nodes)
+    return node_seeds(cfg.seed, city, nodes)
 
 
 def plan_chunks(sizes: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
@@ -258,7 +269,7 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
     if m == 0:
         raise DataError("no nodes to train", where=p.name)
     if init is None:
-        init = init_vectors(arch, node_seeds(cfg.seed, p.name, nodes))
+        init = init_vectors(arch, init_seeds(cfg, p.name, nodes))
     init = torch.tensor(np.asarray(init, dtype=np.float32))
     if tuple(init.shape) != (m, layout.n_params):
         raise DataError(f"initial parameters have shape {tuple(init.shape)}, want "
