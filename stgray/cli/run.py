@@ -17,7 +17,8 @@ def run(config: Path = typer.Argument(..., help="Pipeline config (YAML), e.g. co
                                                           "or ../shared/datasets)."),
         until: Optional[str] = typer.Option(None, help="Run the pipeline through this stage only."),
         out: Optional[Path] = typer.Option(None, help="Also copy the report (Markdown + plots) here.")) -> None:
-    """Run import -> prepare -> STGP -> baselines -> report; prints the results table."""
+    """Run import -> prepare -> zoo -> tokens -> diffusion -> GPDiff transfer -> STGP ->
+    baselines -> report (the config's `stages`; done stages are skipped); prints the results table."""
     from stgray.pipeline import PipelineConfig, run_pipeline
     from stgray.eval.report import results_markdown
 

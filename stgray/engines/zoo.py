@@ -74,6 +74,8 @@ class ZooConfig(StageConfig):
     epochs: int = Field(30, ge=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: the step size decays from lr to 0 over the run's steps")
     weight_decay: float = Field(1e-2, ge=0)
     patience: int | None = Field(None, gt=0, description="early stopping on validation (epochs)")
     loss: Literal["denormalised", "normalised"] = "denormalised"
@@ -333,10 +335,15 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
         if log is not None:
             log(f"{p.name} nodes {int(nodes.min())}..{int(nodes.max())}: resumed after epoch "
                 f"{resumed_from}/{epochs} from the store")
+    steps_per_epoch = -(-len(tr) // cfg.batch_size)
     for ep in range(epochs_run + 1, epochs + 1):
         perm = tr[gen.permutation(len(tr))]
         tot = torch.zeros(m, dtype=torch.float64, device=device)
         for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
+            if cfg.lr_schedule == "cosine":  # from (epoch, step) alone, so a resumed run agrees
+                frac = ((ep - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
             s = torch.as_tensor(perm[i:i + cfg.batch_size], device=device)
             with amp_ctx:
                 pred, y = prog.forward(params, s, training=True)

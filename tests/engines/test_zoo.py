@@ -91,14 +91,26 @@ class _Stop(Exception):
     pass
 
 
-def test_mid_shard_checkpoint_resumes_bit_for_bit(small, tmp_path):
+def test_cosine_schedule_changes_training_and_constant_is_the_default(small):
+    cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), epochs=2, lr=3e-3)
+    assert cfg.lr_schedule == "constant"
+    nodes = np.array([0, 3])
+    const = train_models(small, nodes, cfg, device="cpu")
+    cos = train_models(small, nodes, cfg.model_copy(update={"lr_schedule": "cosine"}), device="cpu")
+    assert np.isfinite(cos.params).all() and not np.array_equal(cos.params, const.params)
+    assert cos.history_val[:, 0].tolist() == const.history_val[:, 0].tolist()  # same start
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_mid_shard_checkpoint_resumes_bit_for_bit(small, tmp_path, schedule):
     """Training interrupted mid-epoch resumes from the last epoch checkpointed in the store
-    (parameters, Adam, best-epoch bookkeeping, RNGs -- GWN's dropout draws too) and ends
-    exactly where an uninterrupted run ends; a torn checkpoint is not trusted."""
+    (parameters, Adam, best-epoch bookkeeping, RNGs -- GWN's dropout draws too, the step
+    size of a schedule) and ends exactly where an uninterrupted run ends; a torn checkpoint
+    is not trusted."""
     from stgray.store import ArtifactStore
 
     st = ArtifactStore(str(tmp_path / "store"))
-    cfg = ZooConfig(model=PerNodeArch(arch="gwn"), epochs=2, lr=3e-3, checkpoint_s=0)
+    cfg = ZooConfig(model=PerNodeArch(arch="gwn"), epochs=2, lr=3e-3, checkpoint_s=0, lr_schedule=schedule)
     nodes = np.array([6, 1, 4])
     ref = train_models(small, nodes, cfg, device="cpu")
 
