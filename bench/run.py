@@ -22,7 +22,8 @@ twice as long):
          (60 and 120 nodes), bench.loo --mode smoke (one target, configs/loo-smoke.yaml)
   full   stgp_speed, zoo_speed --mode quick, token_pipeline, diffusion_sampling,
          scaling --mode full, bench.sweeps --quick, bench.quickstart
-  all    full with zoo_speed --mode full, + bench.loo --mode quick + bench.loo --mode full
+  all    full with zoo_speed --mode full, + bench.zoo_recipe (re-chooses the zoo recipe
+         that zoo_speed times) + bench.loo --mode quick + bench.loo --mode full
 
 The LOO benches keep their stages in the store (./stgray-store or $STGRAY_STORE), so a
 second run only computes what changed and an interrupted one resumes: run the same
@@ -53,7 +54,7 @@ PLANS: dict[str, dict[str, tuple[list[str], float]]] = {
     "quick": {
         "stgp_speed": (["-m", "bench.stgp_speed", "--quick", "--steps", "2",
                         "--phases", "pretrain,domain,task,finetune", *_q("stgp_speed")], 1.0),
-        "zoo_speed": (["bench/zoo_speed.py", "--mode", "smoke", *_q("zoo_speed")], 1.0),
+        "zoo_speed": (["bench/zoo_speed.py", "--mode", "smoke", *_q("zoo_speed")], 2.0),
         "token_pipeline": (["bench/token_pipeline.py", "--rows", "500", "--repeats", "1", "--batch", "256",
                             *_q("token_pipeline")], 0.5),
         "diffusion_sampling": (["bench/diffusion_sampling.py", "--nodes", "4", "--days", "14",
@@ -63,7 +64,7 @@ PLANS: dict[str, dict[str, tuple[list[str], float]]] = {
     },
     "full": {
         "stgp_speed": (["-m", "bench.stgp_speed"], 3.5),
-        "zoo_speed": (["bench/zoo_speed.py", "--mode", "quick"], 5.5),
+        "zoo_speed": (["bench/zoo_speed.py", "--mode", "quick"], 20),
         "token_pipeline": (["bench/token_pipeline.py"], 2.5),
         "diffusion_sampling": (["bench/diffusion_sampling.py"], 8),
         "scaling": (["-m", "bench.scaling", "--mode", "full"], 7.5),
@@ -73,7 +74,8 @@ PLANS: dict[str, dict[str, tuple[list[str], float]]] = {
 }
 PLANS["all"] = {**PLANS["full"],
                 # replaces the quick zoo run (same result file, bench/results/zoo_speed.json)
-                "zoo_speed": (["bench/zoo_speed.py", "--mode", "full"], 120),
+                "zoo_speed": (["bench/zoo_speed.py", "--mode", "full"], 135),
+                "zoo_recipe": (["-m", "bench.zoo_recipe"], 12),
                 "loo_quick": (["-m", "bench.loo", "--mode", "quick"], 90),
                 "loo": (["-m", "bench.loo", "--mode", "full"], 360)}
 #: where each plan's JSON goes and the page rendered from it
