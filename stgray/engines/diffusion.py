@@ -201,23 +201,28 @@ def token_collate(device=None):
 # driver
 # ------------------------------------------------------------------------------------
 def build_dataset(store, info: TokensInfo, cache: bool | Literal["auto"] = "auto",
-                  cache_max_bytes: int = 512 << 20):
+                  cache_max_bytes: int = 512 << 20, block_bytes: int = 16 << 20):
     """The Ray Data dataset of a tokens artifact: its shards read from the store with the
     store's pyarrow filesystem, numeric columns only. ``cache``: materialise in Ray's
-    object store (``"auto"``: when the shards total at most ``cache_max_bytes``)."""
+    object store (``"auto"``: when the shards total at most ``cache_max_bytes``).
+    ``block_bytes``: read tasks of about this many stored bytes (at least one per shard)."""
     import ray.data
 
     fs, _ = store.arrow_fs()
+    size = sum(info.manifest.files[n].size for n in info.shards)
     # Ray 2.60's default Parquet datasource (ListFiles -> ReadFiles) hands over nothing
     # until a whole file is read: 3-10x slower to the first batch in bench/token_pipeline.py.
+    # With the legacy one, one read task per shard left the reader at 55-60% of a plain
+    # pyarrow read (batch 256); ~16 MB tasks (split at row groups) and the column
+    # projection inside the read brought it to about pyarrow's rate.
     ctx = ray.data.DataContext.get_current()
     old, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(list(info.shard_paths), filesystem=fs)
+        ds = ray.data.read_parquet(list(info.shard_paths), filesystem=fs,
+                                   columns=list(_COLUMNS),  # string columns (city, arch) cannot become tensors
+                                   override_num_blocks=max(len(info.shards), -(-size // block_bytes)))
     finally:
         ctx.use_datasource_v2 = old
-    ds = ds.select_columns(list(_COLUMNS))  # string columns (city, arch) cannot become tensors
-    size = sum(info.manifest.files[n].size for n in info.shards)
     if cache is True or (cache == "auto" and size <= cache_max_bytes):
         ds = ds.materialize()
     return ds
