@@ -549,6 +549,8 @@ def r_zoo_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     md = [f"Selection nodes {res.get('selection_nodes')} (bench.zoo_speed reports on other nodes); "
           "a candidate qualifies when every node is at least as accurate on validation as after "
           "30 reference epochs; the qualifying candidate with the lowest mean wins.", ""]
+    if res.get("note"):
+        md += [f"Note: {res['note']}.", ""]
     rows = []
     for arch, a in res.get("archs", {}).items():
         ref = a.get("reference", {})

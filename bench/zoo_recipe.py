@@ -39,6 +39,13 @@ CANDIDATES = {
 }
 
 
+def choose(rows: list[dict]) -> dict | None:
+    """The qualifying candidate with the lowest mean validation MAE (None: none qualifies)."""
+    ok = [r for r in rows if r["qualifies"]]
+    best = min(ok, key=lambda r: r["val_mae_mean"]) if ok else None
+    return None if best is None else {k: best[k] for k in ("lr", "epochs", "lr_schedule")}
+
+
 def _run(p, nodes, cfg: ZooConfig) -> dict:
     t0 = time.perf_counter()
     r = train_models(p, nodes, cfg, device="cpu")
@@ -74,11 +81,7 @@ def main(argv=None) -> dict:
             rows.append(r)
             print(f"[{arch_name}] lr {lr} x {ep} {sched}: mean val MAE {r['val_mae_mean']:.4f} "
                   f"(reference {ref['val_mae_mean']:.4f}), per node {r['at_least_as_accurate']}", flush=True)
-        ok = [r for r in rows if r["qualifies"]]
-        chosen = min(ok, key=lambda r: r["val_mae_mean"]) if ok else None
-        out["archs"][arch_name] = {"reference": ref, "candidates": rows,
-                                   "chosen": None if chosen is None else
-                                   {k: chosen[k] for k in ("lr", "epochs", "lr_schedule")}}
+        out["archs"][arch_name] = {"reference": ref, "candidates": rows, "chosen": choose(rows)}
         print(f"[{arch_name}] chosen: {out['archs'][arch_name]['chosen']}", flush=True)
     config = {"archs": a.archs, "nodes": nodes.tolist(), "steps": STEPS, "candidates": CANDIDATES,
               "reference": REFERENCE, "threads": a.threads}

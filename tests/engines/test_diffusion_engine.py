@@ -88,6 +88,21 @@ def test_run_diffusion_with_ray_data_from_s3(trained):
     assert store.fs.ls(f"{store.location.root}/_ray/{info['ray_run']}")
 
 
+def test_dataset_split_into_small_read_tasks_delivers_every_row_once(tokens, ray_session):
+    from stgray.engines.diffusion import build_dataset, token_collate
+
+    store, tid, _ = tokens
+    ti = load_tokens_info(store, tid)
+    ds = build_dataset(store, ti, cache=False, block_bytes=1)  # as many tasks as row groups allow
+    assert set(ds.columns()) == {"tokens", "prompt"}  # projected inside the read
+    got = torch.cat([b["tokens"] for b in ds.iter_torch_batches(batch_size=5, collate_fn=token_collate())])
+    whole = torch.cat([b["tokens"] for b in build_dataset(store, ti, cache=False).iter_torch_batches(
+        batch_size=5, collate_fn=token_collate())])
+    assert got.shape == (ti.rows, ti.n_tokens * ti.width)
+    key = lambda t: sorted(map(tuple, t[:, :4].tolist()))  # noqa: E731
+    assert key(got) == key(whole)
+
+
 def test_second_call_skips_and_sampling_settings_are_not_in_the_key(trained):
     store, tid, did, cfg, _ = trained
     assert run_diffusion(store, cfg, tid) == (did, True)
