@@ -546,9 +546,12 @@ def _recipe_note(rec: dict) -> str:
 
 
 def r_zoo_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
-    md = [f"Selection nodes {res.get('selection_nodes')} (bench.zoo_speed reports on other nodes); "
-          "a candidate qualifies when every node is at least as accurate on validation as after "
+    md = ["bench.zoo_speed reports on other nodes than these selection nodes; a candidate "
+          "qualifies when every selection node is at least as accurate on validation as after "
           "30 reference epochs; the qualifying candidate with the lowest mean wins.", ""]
+    for arch, a in res.get("archs", {}).items():
+        md += [f"{arch}: selection nodes {a.get('selection_nodes', res.get('selection_nodes'))}."
+               + (f" Note: {a['note']}." if a.get("note") else ""), ""]
     if res.get("note"):
         md += [f"Note: {res['note']}.", ""]
     rows = []
