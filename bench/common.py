@@ -216,6 +216,19 @@ class TreeSampler:
         return max((v[key] for v in self.peaks.values()), default=0.0)
 
 
+def kept_archs(out: str | Path, run: list[str], mode: str | None = None) -> dict[str, dict]:
+    """The ``archs`` entries of an earlier result file at ``out`` that this run does not
+    re-run (same ``mode`` when given), marked with when they were measured."""
+    p = Path(out)
+    if not p.exists():
+        return {}
+    old = json.loads(p.read_text())
+    if mode is not None and old.get("mode") != mode:
+        return {}
+    return {k: {**v, "measured": v.get("measured", old.get("finished"))}
+            for k, v in old.get("archs", {}).items() if k not in run}
+
+
 def start_ray(num_cpus: int | None = None, tries: int = 4) -> int:
     """``stgray.engines.common.ensure_ray`` with retries: on a loaded machine Ray's fixed
     30 s wait for the raylet to register can expire. Returns the attempts used."""

@@ -3,20 +3,19 @@ reports on): the reference protocol (30 epochs, Adam 1e-4, wd 1e-2, batch 64) ag
 candidate recipes (higher step size, fewer epochs, constant or cosine schedule), on
 nyc_bike cut to 3,624 hourly steps, validation MAE per node.
 
-    .venv/bin/python -m bench.zoo_recipe [--archs stgcn,gwn] [--nodes 3,17,33,50,61,68]
-        -> bench/results/zoo_recipe.json
+    .venv/bin/python -m bench.zoo_recipe [--archs stgcn,gwn] [--nodes 3,17,33,50,61,68,24,25]
+        -> bench/results/zoo_recipe.json   (archs not re-run keep their earlier results)
 
 A candidate qualifies when every selection node is at least as accurate on validation as
 after the reference's 30 epochs; among those, the lowest mean validation MAE wins. Every
 candidate's epoch count fits the issue's time target at the measured per-node-epoch cost
-(STGCN about 0.15 s, so up to 13 epochs in 2 s; GWN about 1.3-1.9 s, so 6-7 in 12 s). ``bench.zoo_speed`` then times the chosen recipe and checks
-its accuracy on other nodes.
+(STGCN about 0.15 s, so up to 13 epochs in 2 s; GWN about 1.3-1.9 s, so 6-7 in 12 s).
+``bench.zoo_speed`` then times the chosen recipe and checks its accuracy on other nodes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import command_line, machine_info, now_iso, write_result
+from bench.common import command_line, kept_archs, machine_info, now_iso, write_result
 from bench.zoo_speed import REFERENCE, STEPS, nyc_bike
 from stgray.data.prepare import PrepareConfig, prepare
 from stgray.engines.zoo import ZooConfig, train_models
@@ -71,12 +70,7 @@ def main(argv=None) -> dict:
     started, t0 = now_iso(), time.perf_counter()
     p = prepare(nyc_bike(Path(a.data_dir)), PrepareConfig(), "source")
     out: dict = {"machine": machine_info(), "selection_nodes": nodes.tolist(), "archs": {}}
-    prev = Path(a.out)
-    if prev.exists():  # archs not re-run keep their earlier results (and say on which nodes)
-        old = json.loads(prev.read_text())
-        for k, v in old.get("archs", {}).items():
-            if k not in a.archs.split(","):
-                out["archs"][k] = {**v, "selection_nodes": v.get("selection_nodes", old.get("selection_nodes"))}
+    out["archs"].update(kept_archs(a.out, a.archs.split(",")))  # archs not re-run keep their results
     for arch_name in a.archs.split(","):
         base = ZooConfig(model=PerNodeArch(arch=arch_name), lr=REFERENCE["lr"],
                          weight_decay=REFERENCE["weight_decay"], batch_size=REFERENCE["batch_size"],
