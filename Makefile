@@ -22,7 +22,7 @@ test: $(STAMP)
 	RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (bench/run.py; `$(PY) -m bench.run --mode MODE --list` shows a plan):
-#   make bench        the measured figures that fit this machine, under an hour
+#   make bench        the measured figures that fit this machine, about an hour
 #                     -> bench/results/*.json, BENCHMARKS.md
 #   make bench-quick  every bench at tiny sizes in ~5-8 min, to check the figures' shape
 #                     -> bench/results/quick/*.json, bench/results/quick/BENCHMARKS.md
