@@ -40,15 +40,20 @@ class TransferConfig(StageConfig):
     batch_size: int = Field(16, gt=0, description="windows per step for every training on the target "
                             "(a few days hold few windows: 3 days at 1 h give 55 of 12+6 steps)")
     lr: float = Field(3e-3, gt=0, description="Adam step size for every training on the target")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="step-size schedule of every training on the target (cosine: "
+        "decays to 0 over each run's epochs)")
     seed: int = Field(0, description="seeds the scratch initialisations, the pooled model, the "
                       "sampling and the batch order")
     device: str = "cpu"
 
 
 def target_training(zoo_cfg: ZooConfig, cfg: TransferConfig) -> ZooConfig:
-    """The zoo's training settings with the target's batch size, step size and run seed: the
-    zoo's are set for months of source data and would give one step per epoch on a few days."""
-    return zoo_cfg.model_copy(update={"batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed})
+    """The zoo's training settings with the target's batch size, step size, schedule and run
+    seed: the zoo's are set for months of source data and would give one step per epoch on a
+    few days."""
+    return zoo_cfg.model_copy(update={"batch_size": cfg.batch_size, "lr": cfg.lr,
+                                      "lr_schedule": cfg.lr_schedule, "seed": cfg.seed})
 
 
 def _mae_per_node(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

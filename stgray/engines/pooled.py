@@ -18,7 +18,7 @@ import torch
 from stgray.config import content_hash
 from stgray.data.prepare import Prepared
 from stgray.engines import ray_utils
-from stgray.engines.zoo import ZooConfig, _Program, node_seeds
+from stgray.engines.zoo import ZooConfig, _Program, node_seeds, scheduled_lr, set_lr
 from stgray.errors import DataError
 from stgray.nn.gpdiff.pernode import init_vectors, make_layout
 
@@ -46,7 +46,8 @@ def _val_mse(progs, shared: dict, vals, batch: int) -> float:
 def train_pooled(sources: list[Prepared], cfg: ZooConfig, epochs: int | None = None, *,
                  device=None) -> tuple[np.ndarray, dict]:
     """One parameter vector (P,) float32 for ``cfg.model`` trained on the windows of every
-    node (``cfg.node_limit`` first nodes per city) of every source city, Adam at ``cfg.lr``,
+    node (``cfg.node_limit`` first nodes per city) of every source city, Adam at ``cfg.lr``
+    (decayed by ``cfg.lr_schedule``, as the zoo's models),
     batches of ``cfg.batch_size`` windows of one city at a time (cities interleaved).
     Returns the vector of the best source-validation epoch and an info dict."""
     t0 = time.perf_counter()
@@ -65,11 +66,13 @@ def train_pooled(sources: list[Prepared], cfg: ZooConfig, epochs: int | None = N
     gen = np.random.default_rng(int(content_hash([cfg.seed, "pooled", [p.name for p in sources]], 15), 16))
     best = _val_mse(progs, shared, vals, cfg.eval_batch_size)
     best_vec, best_epoch, hist = layout.flatten({k: v.detach() for k, v in shared.items()})[0].clone(), 0, [best]
+    steps_per_epoch = sum(-(-len(tr) // cfg.batch_size) for tr in trs)
     for ep in range(1, epochs + 1):
         perms = [tr[gen.permutation(len(tr))] for tr in trs]
         batches = [(c, perm[i:i + cfg.batch_size]) for c, perm in enumerate(perms)
                    for i in range(0, len(perm), cfg.batch_size)]
-        for j in gen.permutation(len(batches)):
+        for step, j in enumerate(gen.permutation(len(batches))):
+            set_lr(opt, scheduled_lr(cfg, ((ep - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)))
             c, s = batches[j]
             prog, m = progs[c], len(progs[c].order)
             pred, y = prog.forward({k: v.expand(m, *v.shape[1:]) for k, v in shared.items()},

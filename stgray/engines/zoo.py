@@ -104,6 +104,18 @@ class ZooConfig(StageConfig):
 # ------------------------------------------------------------------------------------
 # batched training
 # ------------------------------------------------------------------------------------
+def scheduled_lr(cfg: ZooConfig, frac: float) -> float:
+    """The step size after ``frac`` (0..1) of a run's steps under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def node_seeds(seed: int, city: str, nodes) -> list[int]:
     """One init seed per (seed, city, node): a node's initial model never depends on the shard."""
     return [int(content_hash([seed, city, int(n)], 15), 16) for n in nodes]
@@ -341,9 +353,7 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
         tot = torch.zeros(m, dtype=torch.float64, device=device)
         for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
             if cfg.lr_schedule == "cosine":  # from (epoch, step) alone, so a resumed run agrees
-                frac = ((ep - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+                set_lr(opt, scheduled_lr(cfg, ((ep - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)))
             s = torch.as_tensor(perm[i:i + cfg.batch_size], device=device)
             with amp_ctx:
                 pred, y = prog.forward(params, s, training=True)

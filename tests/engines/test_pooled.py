@@ -39,6 +39,9 @@ def test_target_side_training_follows_the_run_seed_and_its_own_batch(datasets_di
     zoo_cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), lr=1e-4, batch_size=64, seed=7)
     t0, t1 = (target_training(zoo_cfg, TransferConfig(seed=s, batch_size=8, lr=3e-3)) for s in (0, 1))
     assert (t0.batch_size, t0.lr, t0.seed, t1.seed) == (8, 3e-3, 0, 1)
+    cos_zoo = zoo_cfg.model_copy(update={"lr_schedule": "cosine"})  # the target keeps its own schedule
+    assert target_training(cos_zoo, TransferConfig()).lr_schedule == "constant"
+    assert target_training(zoo_cfg, TransferConfig(lr_schedule="cosine")).lr_schedule == "cosine"
     assert t0.model == zoo_cfg.model
     p = prepare(nyc_bike(datasets_dir, days=8, nodes=3), PrepareConfig(), "target")
     a, b = (train_models(p, [0, 1], c, epochs=1).params for c in (t0, t1))
@@ -47,3 +50,16 @@ def test_target_side_training_follows_the_run_seed_and_its_own_batch(datasets_di
     va, vb = (train_pooled([src], zoo_cfg.model_copy(update={"seed": s}), epochs=1, device="cpu")[0]
               for s in (0, 1))
     assert not np.array_equal(va, vb)
+
+
+def test_pooled_training_follows_the_zoo_schedule(datasets_dir):
+    """Cosine decays the step size over the pooled run as it does for each zoo model."""
+    from stgray.engines.zoo import scheduled_lr
+
+    cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), lr=4e-3, node_limit=2, batch_size=32)
+    cos = cfg.model_copy(update={"lr_schedule": "cosine"})
+    assert scheduled_lr(cfg, 0.7) == 4e-3
+    assert scheduled_lr(cos, 0.0) == 4e-3 and scheduled_lr(cos, 0.5) == 2e-3 and scheduled_lr(cos, 1.0) < 1e-12
+    src = prepare(nyc_bike(datasets_dir, days=8, nodes=2), PrepareConfig(), "source")
+    vc, vk = (train_pooled([src], c, epochs=2, device="cpu")[0] for c in (cfg, cos))
+    assert np.isfinite(vk).all() and not np.array_equal(vc, vk)
