@@ -27,6 +27,17 @@ def _datasets_dir() -> Path:
     return Path(env) if env else (REPO.parent / "shared" / "datasets")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models: threads only add overhead)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     d = _datasets_dir()

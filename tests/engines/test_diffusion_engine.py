@@ -24,12 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_tokens import small_sources, write_test_zoo  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(**kw) -> DiffusionConfig:

@@ -29,12 +29,7 @@ from stgray.gpdiff.prompts import node_prompts
 from stgray.gpdiff.tokenizer import TokenLayout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------

@@ -12,12 +12,7 @@ C, D = 8, 3
 TENSOR_IDS = [0, 0, 0, 1, 2, 2, 2, 2, 3]  # L = 9 tokens of 4 tensors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(conditioning: str, pos_emb: str = "sinusoidal", seed: int = 0) -> GPDiffDenoiser:
