@@ -72,7 +72,7 @@ def train_pooled(sources: list[Prepared], cfg: ZooConfig, epochs: int | None = N
         batches = [(c, perm[i:i + cfg.batch_size]) for c, perm in enumerate(perms)
                    for i in range(0, len(perm), cfg.batch_size)]
         for step, j in enumerate(gen.permutation(len(batches))):
-            set_lr(opt, scheduled_lr(cfg, ((ep - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)))
+            set_lr(opt, scheduled_lr(cfg, ep, step, epochs, steps_per_epoch))
             c, s = batches[j]
             prog, m = progs[c], len(progs[c].order)
             pred, y = prog.forward({k: v.expand(m, *v.shape[1:]) for k, v in shared.items()},

@@ -104,9 +104,11 @@ class ZooConfig(StageConfig):
 # ------------------------------------------------------------------------------------
 # batched training
 # ------------------------------------------------------------------------------------
-def scheduled_lr(cfg: ZooConfig, frac: float) -> float:
-    """The step size after ``frac`` (0..1) of a run's steps under ``cfg.lr_schedule``."""
+def scheduled_lr(cfg: ZooConfig, epoch: int, step: int, epochs: int, steps_per_epoch: int) -> float:
+    """The step size at ``step`` (0-based) of ``epoch`` (1-based) of a run of ``epochs`` under
+    ``cfg.lr_schedule``: from (epoch, step) alone, so a resumed run agrees."""
     if cfg.lr_schedule == "cosine":
+        frac = ((epoch - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     return cfg.lr
 
@@ -352,8 +354,7 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
         perm = tr[gen.permutation(len(tr))]
         tot = torch.zeros(m, dtype=torch.float64, device=device)
         for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
-            if cfg.lr_schedule == "cosine":  # from (epoch, step) alone, so a resumed run agrees
-                set_lr(opt, scheduled_lr(cfg, ((ep - 1) * steps_per_epoch + step) / (epochs * steps_per_epoch)))
+            set_lr(opt, scheduled_lr(cfg, ep, step, epochs, steps_per_epoch))
             s = torch.as_tensor(perm[i:i + cfg.batch_size], device=device)
             with amp_ctx:
                 pred, y = prog.forward(params, s, training=True)

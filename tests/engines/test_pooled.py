@@ -58,8 +58,9 @@ def test_pooled_training_follows_the_zoo_schedule(datasets_dir):
 
     cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), lr=4e-3, node_limit=2, batch_size=32)
     cos = cfg.model_copy(update={"lr_schedule": "cosine"})
-    assert scheduled_lr(cfg, 0.7) == 4e-3
-    assert scheduled_lr(cos, 0.0) == 4e-3 and scheduled_lr(cos, 0.5) == 2e-3 and scheduled_lr(cos, 1.0) < 1e-12
+    assert scheduled_lr(cfg, 2, 3, 2, 10) == 4e-3  # (epoch, step, epochs, steps per epoch)
+    assert scheduled_lr(cos, 1, 0, 2, 10) == 4e-3 and scheduled_lr(cos, 2, 0, 2, 10) == 2e-3 \
+        and scheduled_lr(cos, 3, 0, 2, 10) < 1e-12
     src = prepare(nyc_bike(datasets_dir, days=8, nodes=2), PrepareConfig(), "source")
     vc, vk = (train_pooled([src], c, epochs=2, device="cpu")[0] for c in (cfg, cos))
     assert np.isfinite(vk).all() and not np.array_equal(vc, vk)
