@@ -37,6 +37,9 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     _unhashed: ClassVar[frozenset[str]] = frozenset()
+    # fields added after artefacts existed: left out of the hash while they hold this
+    # value (their old behaviour), so those artefacts keep their names
+    _hashed_unless: ClassVar[dict[str, Any]] = {}
 
     def hashed_dict(self) -> dict[str, Any]:
         """The fields that define the stage's result (execution-only fields removed)."""
@@ -69,9 +72,10 @@ class StageConfig(BaseModel):
 
 def _drop_unhashed(model: BaseModel, d: dict[str, Any]) -> dict[str, Any]:
     skip = getattr(type(model), "_unhashed", frozenset())
+    unless = getattr(type(model), "_hashed_unless", {})
     out = {}
     for name, value in d.items():
-        if name in skip:
+        if name in skip or (name in unless and value == unless[name]):
             continue
         sub = getattr(model, name, None)
         if isinstance(sub, BaseModel) and isinstance(value, dict):

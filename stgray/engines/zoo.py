@@ -57,7 +57,7 @@ from stgray.errors import DataError, StoreError
 from stgray.gpdiff.params import ParamLayout
 from stgray.nn.gpdiff.pernode import (PerNodeArch, batched_forward, build_neighbourhoods,
                                       gather_inputs, gather_targets, init_vectors, make_layout,
-                                      node_features)
+                                      node_features, seasonal_baseline)
 
 ZOO_KIND = "zoo"
 SHARD_KIND = "zoo-shard"
@@ -152,6 +152,8 @@ class _Program:
         self.sizes = nb.size
         self.feats = torch.as_tensor(node_features(p, arch.features), device=device)
         self.values = torch.as_tensor(p.x, device=device)
+        self.base = None if arch.baseline == "none" else \
+            torch.as_tensor(seasonal_baseline(p, arch.baseline), device=device)
         self.chunks = []
         for lo, hi in plan_chunks(nb.size[self.order], chunk_rows):
             sub = nb.select(self.order[lo:hi])
@@ -168,8 +170,11 @@ class _Program:
         preds, ys = [], []
         for lo, hi, idx, mask, a_hat, centres in self.chunks:
             x = gather_inputs(self.feats, idx, mask, starts, a.t_in)
-            preds.append(batched_forward(a, {k: v[lo:hi] for k, v in params.items()}, x, a_hat,
-                                         training=training))
+            pred = batched_forward(a, {k: v[lo:hi] for k, v in params.items()}, x, a_hat,
+                                   training=training)
+            if self.base is not None:
+                pred = pred + gather_targets(self.base, centres, starts, a.t_in, a.t_out)
+            preds.append(pred)
             ys.append(gather_targets(self.values, centres, starts, a.t_in, a.t_out))
         return torch.cat(preds), torch.cat(ys)
 

@@ -17,7 +17,7 @@ from stgray.engines import ray_utils
 from stgray.engines.zoo import (SHARD_KIND, ShardProgress, ZooConfig, finetune_nodes, load_zoo,
                                 plan_shards, predict_nodes, run_zoo, train_models)
 from stgray.eval.metrics import forecast_metrics
-from stgray.nn.gpdiff.pernode import PerNodeArch, make_layout
+from stgray.nn.gpdiff.pernode import PerNodeArch, init_vectors, make_layout
 
 
 def nyc_bike(datasets_dir, days: int, nodes: int | None = None) -> City:
@@ -256,3 +256,38 @@ def test_run_configs_carry_no_credentials(s3_store, s3_server):
         blob = pickle.dumps(rc)
         assert s3_server.secret_key.encode() not in blob
         assert s3_server.access_key.encode() not in blob
+
+
+def test_tod_mean_baseline_is_cross_fitted_and_added_to_the_output(small):
+    from stgray.nn.gpdiff.pernode import seasonal_baseline
+
+    plain = PerNodeArch(arch="stgcn")
+    seasonal = plain.model_copy(update={"baseline": "tod_mean"})
+    # an option added later: off, it leaves every existing artefact name as it was
+    assert "baseline" not in plain.hashed_dict() and seasonal.layout_name != plain.layout_name
+    base = seasonal_baseline(small)
+    lo, hi = small.splits["train"]
+    t = lo + 5 * small.steps_per_day + 7  # a train step
+    same = np.arange(lo, hi)[small.tod[lo:hi] == small.tod[t]]  # train steps at t's time of day
+    others = same[same != t]
+    assert len(others) >= 2
+    np.testing.assert_allclose(base[t], small.x[others].mean(0), rtol=1e-5, atol=1e-6)
+    v = small.splits["val"][0] + 3  # outside train: mean of all train days
+    at_v = np.arange(lo, hi)[small.tod[lo:hi] == small.tod[v]]
+    np.testing.assert_allclose(base[v], small.x[at_v].mean(0), rtol=1e-5, atol=1e-6)
+    # the head starts at zero: the untrained model forecasts the baseline itself
+    nodes = np.array([1, 4])
+    starts = small.window_starts("val", 12, 6)
+    init = init_vectors(seasonal, [3, 4])
+    layout = make_layout(seasonal)
+    assert not layout.unflatten(init)["fully.weight"].any() and init.abs().sum() > 0
+    pred = predict_nodes(small, init, seasonal, nodes, starts)
+    steps = starts[:, None] + 12 + np.arange(6)[None]
+    np.testing.assert_allclose(pred, small.denormalise(base[steps][:, :, nodes]), rtol=1e-5, atol=1e-4)
+    # training scores the same forecasts at epoch 0, and gradients reach the zero head
+    res = train_models(small, nodes, ZooConfig(model=seasonal, epochs=1, lr=3e-3), init=init,
+                       device="cpu")
+    _, true = small.windows(starts, 12, 6, normalised=False)
+    np.testing.assert_allclose(res.history_val[:, 0], ((pred - true[:, :, nodes]) ** 2).mean((0, 1)),
+                               rtol=1e-4)
+    assert np.isfinite(res.history_val).all() and (res.history_val[:, 1] != res.history_val[:, 0]).all()

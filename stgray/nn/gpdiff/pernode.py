@@ -69,6 +69,7 @@ class PerNodeArch(StageConfig):
     """Architecture and sizes of the per-node models (defaults: the reference's)."""
 
     _unhashed: ClassVar[frozenset[str]] = frozenset()
+    _hashed_unless: ClassVar[dict] = {"baseline": "none"}
 
     arch: Arch = "stgcn"
     features: tuple[Literal["value", "tod", "dow"], ...] = Field(
@@ -77,6 +78,10 @@ class PerNodeArch(StageConfig):
                     "day of week / 7")
     t_in: int = Field(12, gt=0)
     t_out: int = Field(6, gt=0)
+    baseline: Literal["none", "tod_mean"] = Field(
+        "none", description="tod_mean: the model forecasts the departure from the node's "
+                            "time-of-day mean over the train split (seasonal_baseline), "
+                            "which is added to its output")
     adjacency: Literal["binary", "weighted"] = Field(
         "binary", description="binary: any non-zero weight is an edge of weight 1")
     adj_eps: float = Field(1e-5, gt=0, description="floor of the degree in D^-1/2 (A+I) D^-1/2")
@@ -216,6 +221,34 @@ def node_features(p, features=("value", "tod")) -> np.ndarray:
         else:
             raise ValueError(f"unknown feature '{f}' (known: {FEATURES})")
     return np.ascontiguousarray(np.stack(chans, -1), dtype=np.float32)
+
+
+def seasonal_baseline(p, kind: str = "tod_mean") -> np.ndarray:
+    """(T, N) float32 normalised time-of-day mean of ``p.x`` over the train split.
+
+    Cross-fitted on the train split itself: a train step gets the mean of the *other*
+    train days at its time of day (a model fitted on train residuals must not see its
+    own target in the baseline; with 3 train days the in-sample mean would hold a third
+    of it). Other steps get the mean of all train days; a time of day never seen in
+    training gets the node's train mean.
+    """
+    if kind != "tod_mean":
+        raise ValueError(f"unknown baseline '{kind}'")
+    lo, hi = p.splits["train"]
+    spd = p.steps_per_day
+    x = np.asarray(p.x, dtype=np.float64)
+    sums = np.zeros((spd, x.shape[1]))
+    counts = np.zeros(spd)
+    np.add.at(sums, p.tod[lo:hi], x[lo:hi])
+    np.add.at(counts, p.tod[lo:hi], 1)
+    node_mean = x[lo:hi].mean(0)
+    c = counts[p.tod][:, None]  # (T, 1)
+    base = np.where(c > 0, sums[p.tod] / np.maximum(c, 1), node_mean[None])
+    tr = slice(lo, hi)
+    c_tr = c[tr]
+    loo = (sums[p.tod[tr]] - x[tr]) / np.maximum(c_tr - 1, 1)
+    base[tr] = np.where(c_tr > 1, loo, base[tr])
+    return base.astype(np.float32)
 
 
 def gather_inputs(feats: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor,
@@ -423,13 +456,19 @@ def _shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+HEADS = ("fully.weight", "end_conv_2.weight")  # the last layer of each architecture
+
+
+def _init_rule(name: str, shape: tuple[int, ...], zero_head: bool = False) -> tuple[float, float]:
     """(uniform half-width, constant) of one tensor's initialisation.
 
     Convolutions: PyTorch's default kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in));
-    Theta: U(+-1/sqrt(spatial)) as STGCN; the head: Xavier uniform as the reference;
+    Theta: U(+-1/sqrt(spatial)) as STGCN; the head: Xavier uniform as the reference,
+    zero when ``zero_head`` (a model over a baseline then starts as the baseline itself);
     norm weight 1, bias 0.
     """
+    if zero_head and name in HEADS:
+        return 0.0, 0.0
     if name.endswith("Theta1"):
         return 1.0 / math.sqrt(shape[1]), 0.0
     if name == "fully.weight":
@@ -440,12 +479,13 @@ def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 
 def init_vectors(arch: PerNodeArch, seeds) -> torch.Tensor:
-    """(M, P) float32 initial parameter vectors, model m drawn from ``seeds[m]`` alone."""
+    """(M, P) float32 initial parameter vectors, model m drawn from ``seeds[m]`` alone.
+    With a baseline the head starts at zero: epoch 0 forecasts the baseline."""
     layout = make_layout(arch)
     half = torch.empty(layout.n_params)
     const = torch.empty(layout.n_params)
     for e in layout.entries:
-        h, c = _init_rule(e.name, e.shape)
+        h, c = _init_rule(e.name, e.shape, zero_head=arch.baseline != "none")
         half[e.offset:e.offset + e.numel] = h
         const[e.offset:e.offset + e.numel] = c
     out = torch.empty(len(seeds), layout.n_params)
