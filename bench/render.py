@@ -73,7 +73,7 @@ COMMANDS = {
     "stgp_speed": PY + " -m bench.stgp_speed{quick}",
     "zoo_speed": PY + " bench/zoo_speed.py --mode {mode}",
     "zoo_recipe": PY + " -m bench.zoo_recipe",
-    "pernode_baseline": PY + " -m bench.pernode_baseline",
+    "target_recipe": PY + " -m bench.target_recipe",
     "token_pipeline": PY + " bench/token_pipeline.py{args}",
     "diffusion_sampling": PY + " bench/diffusion_sampling.py{args}",
     "quickstart": PY + " -m bench.quickstart",
@@ -83,7 +83,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_smoke", "scaling", "zoo_recipe", "pernode_baseline", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -92,7 +92,7 @@ TITLES = {
     "scaling": "Scale: zoo -> tokens -> generation vs node count",
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
-    "pernode_baseline": "Per-node models: forecasting over the time-of-day mean (validation)",
+    "target_recipe": "Per-node models on a target: baseline, selection score, early stopping (validation)",
     "token_pipeline": "Token pipeline: S3 -> Ray Data -> torch vs plain pyarrow",
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
@@ -571,14 +571,17 @@ def r_zoo_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     return md + table(rows)
 
 
-def r_pernode_baseline(name: str, res: dict, ctx: Ctx) -> list[str]:
-    md = [f"Protocol: {res.get('protocol', '')}.", "", f"Result: {res.get('summary', '')}.", ""]
-    rows = [{"target": r["target"], "nodes": r["nodes"],
-             "time-of-day mean": r["tod_mean"]["val_mae"],
-             "model, no baseline": r["model_none"]["val_mae"],
-             "model over the time-of-day mean": r["model_tod_mean"]["val_mae"]}
-            for r in res.get("rows", [])]
-    return md + ["Validation MAE (data units):", ""] + table(rows)
+def r_target_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
+    md = [f"Protocol: {res.get('protocol', '')}.", "", f"Rules: {res.get('rules', '')}.", "",
+          f"Choice: `{res.get('choice')}`.", ""]
+    variants = list(res.get("variants", {}))
+    rows = []
+    for r in res.get("rows", []):
+        row = {"target": r["target"], "nodes": r["nodes"], "time-of-day mean alone": r["tod_mean_alone"]}
+        for v in variants:
+            row[v] = f"{fmt(r[v]['val_mae'])} ({r[v]['seconds']:.0f} s)"
+        rows.append(row)
+    return md + ["Validation MAE (data units; training seconds on the sampled nodes):", ""] + table(rows)
 
 
 def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:
@@ -833,7 +836,7 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
-    "pernode_baseline": r_pernode_baseline,
+    "target_recipe": r_target_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,
 }

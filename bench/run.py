@@ -23,8 +23,8 @@ twice as long):
   full   stgp_speed, zoo_speed --mode quick, token_pipeline, diffusion_sampling,
          scaling --mode full, bench.sweeps --quick, bench.quickstart
   all    full with zoo_speed --mode full, + bench.zoo_recipe (re-chooses the zoo recipe
-         that zoo_speed times) + bench.pernode_baseline (the per-node models' output
-         baseline, on the LOO targets' validation days) + bench.loo --mode quick + --mode full
+         that zoo_speed times) + bench.target_recipe (how per-node models train on a target,
+         chosen on the LOO targets' validation days) + bench.loo --mode quick + --mode full
 
 The LOO benches keep their stages in the store (./stgray-store or $STGRAY_STORE), so a
 second run only computes what changed and an interrupted one resumes: run the same
@@ -77,7 +77,7 @@ PLANS["all"] = {**PLANS["full"],
                 # replaces the quick zoo run (same result file, bench/results/zoo_speed.json)
                 "zoo_speed": (["bench/zoo_speed.py", "--mode", "full"], 135),
                 "zoo_recipe": (["-m", "bench.zoo_recipe"], 12),
-                "pernode_baseline": (["-m", "bench.pernode_baseline"], 1.5),
+                "target_recipe": (["-m", "bench.target_recipe"], 5),
                 "loo_quick": (["-m", "bench.loo", "--mode", "quick"], 140),
                 "loo": (["-m", "bench.loo", "--mode", "full"], 360)}
 #: where each plan's JSON goes and the page rendered from it

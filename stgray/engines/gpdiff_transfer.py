@@ -28,6 +28,7 @@ class TransferConfig(StageConfig):
     """Generation and adaptation on the target."""
 
     _unhashed: ClassVar[frozenset[str]] = frozenset({"device"})
+    _hashed_unless: ClassVar[dict] = {"patience": None, "select_on": "mse"}
 
     samples_per_node: int = Field(4, gt=0, description="generated candidates per node (picked on validation)")
     sampler: Literal["ddpm", "ddim"] = "ddim"
@@ -43,17 +44,24 @@ class TransferConfig(StageConfig):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="step-size schedule of every training on the target (cosine: "
         "decays to 0 over each run's epochs)")
+    patience: int | None = Field(None, gt=0, description="every training on the target: a node's "
+                                 "model stops after this many epochs without a better validation "
+                                 "score (None: all epochs)")
+    select_on: Literal["mse", "mae"] = Field(
+        "mse", description="every training on the target: the validation score that picks "
+                           "each node's epoch (mae: the benchmark's metric)")
     seed: int = Field(0, description="seeds the scratch initialisations, the pooled model, the "
                       "sampling and the batch order")
     device: str = "cpu"
 
 
 def target_training(zoo_cfg: ZooConfig, cfg: TransferConfig) -> ZooConfig:
-    """The zoo's training settings with the target's batch size, step size, schedule and run
-    seed: the zoo's are set for months of source data and would give one step per epoch on a
-    few days."""
+    """The zoo's training settings with the target's batch size, step size, schedule, early
+    stopping, selection score and run seed: the zoo's are set for months of source data and
+    would give one step per epoch on a few days."""
     return zoo_cfg.model_copy(update={"batch_size": cfg.batch_size, "lr": cfg.lr,
-                                      "lr_schedule": cfg.lr_schedule, "seed": cfg.seed})
+                                      "lr_schedule": cfg.lr_schedule, "patience": cfg.patience,
+                                      "select_on": cfg.select_on, "seed": cfg.seed})
 
 
 def _mae_per_node(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -12,7 +12,10 @@ values as the reference (``loss="denormalised"``; with Adam the loss scale matte
 through the coupled weight decay, which the reference tuned at this scale), or on
 normalised values. After every epoch (and before the first, epoch 0 = the initial
 parameters) each model is scored on the **validation** split and keeps its best-epoch
-parameters (vectorised); optional per-model early stopping with ``patience``.
+parameters (vectorised); optional per-model early stopping with ``patience``: once a
+quarter of the models in the program have stopped, they leave it (smaller program,
+same results; a stopped model is not scored any more, its history holds NaN), except
+while mid-shard checkpoints are kept.
 
 Mid-shard checkpoints: inside ``run_zoo`` a shard's whole training state (parameters,
 Adam moments, best-epoch bookkeeping, histories, RNG states) goes to the store every
@@ -69,6 +72,7 @@ class ZooConfig(StageConfig):
     _unhashed: ClassVar[frozenset[str]] = frozenset(
         {"num_workers", "cpus_per_worker", "use_gpu", "device", "progress", "max_failures",
          "chunk_rows", "eval_batch_size", "amp", "placement_strategy", "checkpoint_s"})
+    _hashed_unless: ClassVar[dict] = {"select_on": "mse"}
 
     model: PerNodeArch = Field(default_factory=PerNodeArch)
     epochs: int = Field(30, ge=0)
@@ -78,6 +82,9 @@ class ZooConfig(StageConfig):
         "constant", description="cosine: the step size decays from lr to 0 over the run's steps")
     weight_decay: float = Field(1e-2, ge=0)
     patience: int | None = Field(None, gt=0, description="early stopping on validation (epochs)")
+    select_on: Literal["mse", "mae"] = Field(
+        "mse", description="the validation score that picks each model's epoch (and counts "
+        "towards patience)")
     loss: Literal["denormalised", "normalised"] = "denormalised"
     nodes_per_shard: int = Field(64, gt=0)
     node_limit: int | None = Field(None, gt=0, description="train only the first n nodes of each city")
@@ -173,7 +180,8 @@ class _Program:
             pred = batched_forward(a, {k: v[lo:hi] for k, v in params.items()}, x, a_hat,
                                    training=training)
             if self.base is not None:
-                pred = pred + gather_targets(self.base, centres, starts, a.t_in, a.t_out)
+                pred = pred + params["baseline_weight"][lo:hi, None, :] * \
+                    gather_targets(self.base, centres, starts, a.t_in, a.t_out)
             preds.append(pred)
             ys.append(gather_targets(self.values, centres, starts, a.t_in, a.t_out))
         return torch.cat(preds), torch.cat(ys)
@@ -266,18 +274,37 @@ def _cpu(d: dict) -> dict:
     return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
 
+def _compacted(p: Prepared, sorted_nodes: np.ndarray, arch: PerNodeArch, device, cfg: ZooConfig,
+               params: dict, opt: torch.optim.Optimizer, keep: torch.Tensor):
+    """The program, parameters and Adam (moments and step counts) of the models ``keep``
+    (bool over the current program's models, which are in size order) alone."""
+    prog = _Program(p, sorted_nodes, arch, device, cfg.chunk_rows)
+    assert (prog.order == np.arange(len(sorted_nodes))).all()  # size order is kept
+    new = {k: v.detach()[keep].clone().requires_grad_(True) for k, v in params.items()}
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            st[name] = st[name][keep]
+    new_opt = torch.optim.Adam(list(new.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               fused=device.type in ("cpu", "cuda"))
+    new_opt.load_state_dict(sd)
+    return prog, new, new_opt
+
+
 def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch.Tensor | None = None,
                  epochs: int | None = None, device: torch.device | str | None = None,
                  train_split: str = "train", val_split: str = "val",
                  log: Callable[[str], None] | None = None,
                  progress: ShardProgress | None = None,
-                 _on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+                 _on_step: Callable[[int, int], None] | None = None,
+                 _compact: bool = True) -> TrainResult:
     """Train (or fine-tune from ``init`` (M, P)) one model per node of ``nodes`` on ``p``.
 
     Windows come from ``train_split``; every epoch each model is scored on ``val_split``
     and keeps its best parameters (epoch 0 = ``init`` / the random initialisation).
     ``progress``: resume from, and checkpoint into, a ``ShardProgress`` (the caller keys
-    it by everything that defines the result). ``_on_step(epoch, step)``: test hook.
+    it by everything that defines the result). ``_on_step(epoch, step)``: test hook;
+    ``_compact=False`` keeps stopped models in the program (tests compare the two).
     """
     t0 = time.perf_counter()
     arch = cfg.model
@@ -355,9 +382,13 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
             log(f"{p.name} nodes {int(nodes.min())}..{int(nodes.max())}: resumed after epoch "
                 f"{resumed_from}/{epochs} from the store")
     steps_per_epoch = -(-len(tr) // cfg.batch_size)
+    live = torch.arange(m, device=device)  # sorted positions of the models in ``prog``
+    sorted_nodes, inv = nodes[prog.order], prog.inverse
+    shape = {"padded_rows": prog.padded_rows, "real_rows": int(prog.sizes.sum()),
+             "chunks": len(prog.chunks)}
     for ep in range(epochs_run + 1, epochs + 1):
         perm = tr[gen.permutation(len(tr))]
-        tot = torch.zeros(m, dtype=torch.float64, device=device)
+        tot = torch.zeros(len(live), dtype=torch.float64, device=device)
         for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
             set_lr(opt, scheduled_lr(cfg, ep, step, epochs, steps_per_epoch))
             s = torch.as_tensor(perm[i:i + cfg.batch_size], device=device)
@@ -377,27 +408,35 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
             if _on_step is not None:
                 _on_step(ep, step)
         train_loss = tot / len(perm)
-        mse, mae = _evaluate(prog, params, va, p.std, cfg.eval_batch_size, amp_ctx)
-        improved = (mse < best_mse) & active
-        if improved.any():
+        mse, mae = _evaluate(prog, params, va, p.std, cfg.eval_batch_size, amp_ctx)  # (L,)
+        if cfg.select_on == "mae":
+            imp = (mae < best_mae[live]) & active[live]
+        else:
+            imp = (mse < best_mse[live]) & active[live]
+        if imp.any():
             flat = layout.flatten({k: v.detach() for k, v in params.items()})
-            best_flat[improved] = flat[improved]
-            best_mse = torch.where(improved, mse, best_mse)
-            best_mae = torch.where(improved, mae, best_mae)
-            best_train = torch.where(improved, train_loss, best_train)
-            best_epoch[improved] = ep
-        hist_val[:, ep] = mse.cpu().numpy()
-        hist_train[:, ep] = train_loss.cpu().numpy()
+            at = live[imp]
+            best_flat[at] = flat[imp]
+            best_mse[at], best_mae[at], best_train[at] = mse[imp], mae[imp], train_loss[imp]
+            best_epoch[at] = ep
+        live_np = live.cpu().numpy()
+        hist_val[live_np, ep] = mse.cpu().numpy()
+        hist_train[live_np, ep] = train_loss.cpu().numpy()
         epochs_run = ep
-        bad = torch.where(improved, torch.zeros_like(bad), bad + 1)
+        bad[live] = torch.where(imp, torch.zeros_like(imp, dtype=bad.dtype), bad[live] + 1)
         if log is not None:
             log(f"{p.name} nodes {int(nodes.min())}..{int(nodes.max())}: epoch {ep}/{epochs} "
                 f"train {float(train_loss.mean()):.4g} val mse {float(mse.mean()):.4g} "
-                f"improved {int(improved.sum())}/{m}")
+                f"improved {int(imp.sum())}/{len(live)} ({int(active.sum())} of {m} training)")
         if cfg.patience is not None:
             active &= bad < cfg.patience
             if not active.any():
                 break
+            keep = active[live]
+            if _compact and progress is None and int(keep.sum()) <= 0.75 * len(live):
+                live = live[keep]
+                prog, params, opt = _compacted(p, sorted_nodes[live.cpu().numpy()], arch, device,
+                                               cfg, params, opt, keep)
         if progress is not None and ep < epochs and progress.due():
             osd = opt.state_dict()
             progress.save({
@@ -414,7 +453,6 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
                 "active": active.cpu().clone(), "gen": json.dumps(gen.bit_generator.state),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
-    inv = prog.inverse
     return TrainResult(
         nodes=nodes, params=best_flat.cpu().numpy()[inv].astype(np.float32),
         best_epoch=best_epoch.cpu().numpy()[inv], val_mse=best_mse.cpu().numpy()[inv],
@@ -422,8 +460,7 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
         train_loss=best_train.cpu().numpy()[inv], history_val=hist_val[inv],
         history_train=hist_train[inv], epochs_run=epochs_run,
         seconds=time.perf_counter() - t0,
-        info={"device": str(device), "padded_rows": prog.padded_rows,
-              "real_rows": int(prog.sizes.sum()), "chunks": len(prog.chunks),
+        info={"device": str(device), **shape, "models_at_end": int(len(live)),
               "resumed_from_epoch": resumed_from,
               "checkpoints_saved": progress.saved if progress is not None else 0,
               "train_windows": int(len(tr)), "val_windows": int(len(va))})

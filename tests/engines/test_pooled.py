@@ -42,6 +42,11 @@ def test_target_side_training_follows_the_run_seed_and_its_own_batch(datasets_di
     cos_zoo = zoo_cfg.model_copy(update={"lr_schedule": "cosine"})  # the target keeps its own schedule
     assert target_training(cos_zoo, TransferConfig()).lr_schedule == "constant"
     assert target_training(zoo_cfg, TransferConfig(lr_schedule="cosine")).lr_schedule == "cosine"
+    # and its own early stopping (an option added later: unset, it leaves artefact names alone)
+    assert target_training(zoo_cfg.model_copy(update={"patience": 3}), TransferConfig()).patience is None
+    assert target_training(zoo_cfg, TransferConfig(patience=10)).patience == 10
+    assert target_training(zoo_cfg, TransferConfig(select_on="mae")).select_on == "mae"
+    assert not {"patience", "select_on"} & set(TransferConfig().hashed_dict())
     assert t0.model == zoo_cfg.model
     p = prepare(nyc_bike(datasets_dir, days=8, nodes=3), PrepareConfig(), "target")
     a, b = (train_models(p, [0, 1], c, epochs=1).params for c in (t0, t1))

@@ -65,6 +65,12 @@ def test_selection_uses_validation_and_params_are_the_chosen_epoch(small):
     err = pred - true[:, :, nodes]
     np.testing.assert_allclose((err ** 2).mean((0, 1)), res.val_mse, rtol=2e-4)
     np.testing.assert_allclose(np.abs(err).mean((0, 1)), res.val_mae, rtol=2e-4)
+    # selecting on validation MAE instead: each kept epoch is the one of least MAE
+    by_mae = train_models(small, nodes, cfg.model_copy(update={"select_on": "mae"}), device="cpu")
+    np.testing.assert_array_equal(by_mae.history_val, res.history_val)  # same training
+    pred = predict_nodes(small, by_mae.params, cfg.model, nodes, starts)
+    np.testing.assert_allclose(np.abs(pred - true[:, :, nodes]).mean((0, 1)), by_mae.val_mae, rtol=2e-4)
+    assert (by_mae.val_mae <= res.val_mae + 1e-9).all() and (by_mae.val_mse >= res.val_mse - 1e-9).all()
     # one model's result does not depend on which other models share its program
     alone = train_models(small, nodes[:1], cfg, device="cpu")
     np.testing.assert_allclose(alone.history_val[0, 0], res.history_val[0, 0], rtol=1e-6)
@@ -85,6 +91,22 @@ def test_finetune_keeps_init_when_no_epoch_beats_it(small):
     _, true = small.windows(starts, 12, 6, normalised=False)
     m = forecast_metrics(pred, true[:, :, nodes], per_horizon=False)
     assert m["mae"] == pytest.approx(float(np.mean(ft.val_mae)), rel=1e-4)
+
+
+def test_stopped_models_leave_the_program_with_the_same_results(small):
+    cfg = ZooConfig(model=PerNodeArch(arch="stgcn"), epochs=8, lr=2e-2, patience=1, chunk_rows=12)
+    nodes = np.array([5, 0, 3, 7, 1, 2, 6])
+    kept = train_models(small, nodes, cfg, device="cpu", _compact=False)
+    left = train_models(small, nodes, cfg, device="cpu")
+    assert kept.info["models_at_end"] == 7 and left.info["models_at_end"] < 7  # it did shrink
+    np.testing.assert_array_equal(left.best_epoch, kept.best_epoch)
+    np.testing.assert_allclose(left.params, kept.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(left.val_mse, kept.val_mse, rtol=1e-5)
+    # up to its stop every model's history is the same; after it, it is not scored
+    stop = left.best_epoch + cfg.patience
+    for i in range(len(nodes)):
+        n = min(stop[i], left.epochs_run) + 1
+        np.testing.assert_allclose(left.history_val[i, :n], kept.history_val[i, :n], rtol=1e-5)
 
 
 class _Stop(Exception):
@@ -284,6 +306,14 @@ def test_tod_mean_baseline_is_cross_fitted_and_added_to_the_output(small):
     pred = predict_nodes(small, init, seasonal, nodes, starts)
     steps = starts[:, None] + 12 + np.arange(6)[None]
     np.testing.assert_allclose(pred, small.denormalise(base[steps][:, :, nodes]), rtol=1e-5, atol=1e-4)
+    # the baseline enters through a learned per-horizon weight (starts at 1)
+    w = layout.unflatten(init)["baseline_weight"]
+    assert w.shape == (2, 6) and bool((w == 1).all())
+    off = next(e.offset for e in layout.entries if e.name == "baseline_weight")
+    half = init.clone()
+    half[:, off:off + 6] = 0.5
+    np.testing.assert_allclose(predict_nodes(small, half, seasonal, nodes, starts),
+                               small.denormalise(0.5 * base[steps][:, :, nodes]), rtol=1e-5, atol=1e-4)
     # training scores the same forecasts at epoch 0, and gradients reach the zero head
     res = train_models(small, nodes, ZooConfig(model=seasonal, epochs=1, lr=3e-3), init=init,
                        device="cpu")

@@ -79,9 +79,9 @@ class PerNodeArch(StageConfig):
     t_in: int = Field(12, gt=0)
     t_out: int = Field(6, gt=0)
     baseline: Literal["none", "tod_mean"] = Field(
-        "none", description="tod_mean: the model forecasts the departure from the node's "
-                            "time-of-day mean over the train split (seasonal_baseline), "
-                            "which is added to its output")
+        "none", description="tod_mean: the node's time-of-day mean over the train split "
+                            "(seasonal_baseline), times a learned per-horizon weight "
+                            "(starts at 1), is added to the model's output")
     adjacency: Literal["binary", "weighted"] = Field(
         "binary", description="binary: any non-zero weight is an edge of weight 1")
     adj_eps: float = Field(1e-5, gt=0, description="floor of the degree in D^-1/2 (A+I) D^-1/2")
@@ -301,6 +301,13 @@ class STGCNBlock(nn.Module):
         return self.temporal2(t2)
 
 
+def _add_baseline_weight(module: nn.Module, arch: PerNodeArch) -> None:
+    """Models over a baseline own a per-horizon weight of it (t_out,), applied by the
+    caller, which holds the baseline: forecast = output + baseline_weight * baseline."""
+    if arch.baseline != "none":
+        module.baseline_weight = nn.Parameter(torch.ones(arch.t_out))
+
+
 class STGCNNode(nn.Module):
     """Bias-free STGCN over one neighbourhood: (B, K, t_in, c_in), (K, K) -> (B, K, t_out)."""
 
@@ -311,6 +318,7 @@ class STGCNNode(nn.Module):
         self.last_temporal = TimeBlock(c, c, k, arch.stgcn_gate)
         self.fully = nn.Linear((arch.t_in - 3 * (k - 1)) * c, arch.t_out, bias=False)
         self.arch = arch
+        _add_baseline_weight(self, arch)
         load_vector(self, init_vectors(arch, [0])[0])
 
     def forward(self, x, a_hat):
@@ -375,6 +383,7 @@ class GWNNode(nn.Module):
         self.start_conv = nn.Conv2d(arch.c_in, c, (1, 1), bias=False)
         self.end_conv_1 = nn.Conv2d(s, e, (1, 1), bias=False)
         self.end_conv_2 = nn.Conv2d(e, arch.t_out, (1, 1), bias=False)
+        _add_baseline_weight(self, arch)
         load_vector(self, init_vectors(arch, [0])[0])
 
     def forward(self, x, a_hat):
@@ -439,7 +448,7 @@ def _shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
         out += [(f"block1.temporal2.conv{j}.weight", (c, s, 1, k), f) for j in (1, 2, 3)]
         out += [(f"last_temporal.conv{j}.weight", (c, c, 1, k), f) for j in (1, 2, 3)]
         out += [("fully.weight", (arch.t_out, (arch.t_in - 3 * (k - 1)) * c), f)]
-        return out
+        return out + _baseline_shapes(arch)
     c, s, e, k = arch.gwn_channels, arch.gwn_skip, arch.gwn_end, arch.gwn_kernel
     n = arch.gwn_blocks * arch.gwn_layers
     out = [(f"filter_convs.{i}.weight", (c, c, 1, k), f) for i in range(n)]
@@ -453,7 +462,11 @@ def _shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
     out += [("start_conv.weight", (c, arch.c_in, 1, 1), f),
             ("end_conv_1.weight", (e, s, 1, 1), f),
             ("end_conv_2.weight", (arch.t_out, e, 1, 1), f)]
-    return out
+    return out + _baseline_shapes(arch)
+
+
+def _baseline_shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
+    return [("baseline_weight", (arch.t_out,), "float32")] if arch.baseline != "none" else []
 
 
 HEADS = ("fully.weight", "end_conv_2.weight")  # the last layer of each architecture
@@ -469,6 +482,8 @@ def _init_rule(name: str, shape: tuple[int, ...], zero_head: bool = False) -> tu
     """
     if zero_head and name in HEADS:
         return 0.0, 0.0
+    if name == "baseline_weight":
+        return 0.0, 1.0
     if name.endswith("Theta1"):
         return 1.0 / math.sqrt(shape[1]), 0.0
     if name == "fully.weight":
