@@ -448,7 +448,7 @@ def _shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
         out += [(f"block1.temporal2.conv{j}.weight", (c, s, 1, k), f) for j in (1, 2, 3)]
         out += [(f"last_temporal.conv{j}.weight", (c, c, 1, k), f) for j in (1, 2, 3)]
         out += [("fully.weight", (arch.t_out, (arch.t_in - 3 * (k - 1)) * c), f)]
-        return out + _baseline_shapes(arch)
+        return _baseline_shapes(arch) + out
     c, s, e, k = arch.gwn_channels, arch.gwn_skip, arch.gwn_end, arch.gwn_kernel
     n = arch.gwn_blocks * arch.gwn_layers
     out = [(f"filter_convs.{i}.weight", (c, c, 1, k), f) for i in range(n)]
@@ -462,10 +462,11 @@ def _shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
     out += [("start_conv.weight", (c, arch.c_in, 1, 1), f),
             ("end_conv_1.weight", (e, s, 1, 1), f),
             ("end_conv_2.weight", (arch.t_out, e, 1, 1), f)]
-    return out + _baseline_shapes(arch)
+    return _baseline_shapes(arch) + out
 
 
 def _baseline_shapes(arch: PerNodeArch) -> list[tuple[str, tuple[int, ...], str]]:
+    """The root module's own parameter, first in ``named_parameters()``."""
     return [("baseline_weight", (arch.t_out,), "float32")] if arch.baseline != "none" else []
 
 

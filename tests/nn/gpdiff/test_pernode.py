@@ -32,6 +32,10 @@ def test_layout_matches_single_module(arch):
     lay = make_layout(a)
     named = [(n, tuple(p.shape)) for n, p in single_model(a).named_parameters()]
     assert named == [(e.name, e.shape) for e in lay.entries]
+    # over a baseline: one more tensor, its per-horizon weight (the root's own: first)
+    b = PerNodeArch(arch=arch, baseline="tod_mean")
+    named_b = [(n, tuple(p.shape)) for n, p in single_model(b).named_parameters()]
+    assert named_b == [(e.name, e.shape) for e in make_layout(b).entries] == [("baseline_weight", (6,))] + named
     assert lay.arch.startswith(arch + "/")
     # the layout names the architecture: same shapes, other inputs or gate -> other arch hash
     for other in ({"features": ("value", "dow")}, {"stgcn_gate": "add"} if arch == "stgcn" else {}):
