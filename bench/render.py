@@ -83,11 +83,13 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
     "loo_quick": "Cross-city transfer, leave one city out (quick sizes)",
+    "loo_quick_extra": "Cross-city transfer, leave one city out (quick sizes, targets run apart "
+                       "with fewer seeds)",
     "loo_smoke": "Cross-city transfer, leave one city out (smoke: one target, tiny sizes)",
     "scaling": "Scale: zoo -> tokens -> generation vs node count",
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
@@ -835,7 +837,7 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
-    "loo": r_loo, "loo_quick": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
+    "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
     "target_recipe": r_target_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,

@@ -79,6 +79,12 @@ def _state_file(d) -> Path:
     return Path(d) / "state.pt"
 
 
+def state_fits(module: torch.nn.Module, state: dict) -> bool:
+    """True when ``state`` has exactly ``module``'s tensors with their shapes."""
+    own = module.state_dict()
+    return own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own)
+
+
 def _diffusion_loop(c: dict[str, Any]) -> None:
     """Per-worker loop: DDP over ranks, each rank iterating its split of the dataset."""
     import ray.train
@@ -102,6 +108,12 @@ def _diffusion_loop(c: dict[str, Any]) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             st = torch.load(_state_file(d), map_location="cpu", weights_only=True)
+        if not state_fits(core, st["model"]):  # e.g. written by other code under this run name
+            if rank == 0:
+                print("[diffusion] the run's checkpoint does not fit this denoiser: starting over",
+                      flush=True)
+            ckpt = None
+    if ckpt:
         core.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])

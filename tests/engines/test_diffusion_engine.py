@@ -154,3 +154,12 @@ def test_corrupt_token_shard_is_refused_naming_the_object(s3_store):
     with pytest.raises(IntegrityError, match=f"{tid}/{ti.shards[1]}: checksum mismatch"):
         run_diffusion(s3_store, tiny_cfg(), tid)
     assert not s3_store.exists(diffusion_id_for(s3_store, tiny_cfg(), tid))
+
+
+def test_a_checkpoint_that_does_not_fit_the_denoiser_is_recognised():
+    from stgray.engines.diffusion import state_fits
+
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 5)
+    assert state_fits(a, torch.nn.Linear(3, 4).state_dict())
+    assert not state_fits(a, b.state_dict())  # other shapes: the run starts over
+    assert not state_fits(a, {"weight": a.weight.detach()})  # a tensor missing
