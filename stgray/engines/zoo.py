@@ -150,17 +150,22 @@ def plan_chunks(sizes: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
 class _Program:
     """M per-node models of one city as chunked batched programs (models in size order)."""
 
-    def __init__(self, p: Prepared, nodes, arch: PerNodeArch, device, chunk_rows: int):
+    def __init__(self, p: Prepared, nodes, arch: PerNodeArch, device, chunk_rows: int,
+                 like: "_Program | None" = None):
+        """``like``: a program of the same city and arch whose input tensors are reused."""
         self.arch, self.device = arch, device
         nodes = np.asarray(nodes, dtype=np.int64)
         nb = build_neighbourhoods(p.adj, nodes, binary=arch.adjacency == "binary", eps=arch.adj_eps)
         self.order = np.argsort(nb.size, kind="stable")
         self.inverse = np.argsort(self.order)
         self.sizes = nb.size
-        self.feats = torch.as_tensor(node_features(p, arch.features), device=device)
-        self.values = torch.as_tensor(p.x, device=device)
-        self.base = None if arch.baseline == "none" else \
-            torch.as_tensor(seasonal_baseline(p, arch.baseline), device=device)
+        if like is not None:
+            self.feats, self.values, self.base = like.feats, like.values, like.base
+        else:
+            self.feats = torch.as_tensor(node_features(p, arch.features), device=device)
+            self.values = torch.as_tensor(p.x, device=device)
+            self.base = None if arch.baseline == "none" else \
+                torch.as_tensor(seasonal_baseline(p, arch.baseline), device=device)
         self.chunks = []
         for lo, hi in plan_chunks(nb.size[self.order], chunk_rows):
             sub = nb.select(self.order[lo:hi])
@@ -274,21 +279,25 @@ def _cpu(d: dict) -> dict:
     return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
 
-def _compacted(p: Prepared, sorted_nodes: np.ndarray, arch: PerNodeArch, device, cfg: ZooConfig,
+def _adam(params: dict, cfg: ZooConfig, device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
+
+
+def _compacted(p: Prepared, prog: "_Program", sorted_nodes: np.ndarray, cfg: ZooConfig,
                params: dict, opt: torch.optim.Optimizer, keep: torch.Tensor):
     """The program, parameters and Adam (moments and step counts) of the models ``keep``
-    (bool over the current program's models, which are in size order) alone."""
-    prog = _Program(p, sorted_nodes, arch, device, cfg.chunk_rows)
-    assert (prog.order == np.arange(len(sorted_nodes))).all()  # size order is kept
+    (bool over ``prog``'s models, which are in size order) alone."""
+    new_prog = _Program(p, sorted_nodes, prog.arch, prog.device, cfg.chunk_rows, like=prog)
+    assert (new_prog.order == np.arange(len(sorted_nodes))).all()  # size order is kept
     new = {k: v.detach()[keep].clone().requires_grad_(True) for k, v in params.items()}
     sd = opt.state_dict()
     for st in sd["state"].values():
         for name in ("exp_avg", "exp_avg_sq"):
             st[name] = st[name][keep]
-    new_opt = torch.optim.Adam(list(new.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               fused=device.type in ("cpu", "cuda"))
+    new_opt = _adam(new, cfg, prog.device)
     new_opt.load_state_dict(sd)
-    return prog, new, new_opt
+    return new_prog, new, new_opt
 
 
 def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch.Tensor | None = None,
@@ -331,9 +340,7 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
     start = init[prog.order].to(device)
     params = {k: v.clone().contiguous().requires_grad_(True)
               for k, v in layout.unflatten(start).items()}
-    fused = device.type in ("cpu", "cuda")
-    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           fused=fused)
+    opt = _adam(params, cfg, device)
     amp_ctx, scaler = _amp_context(device, cfg.amp)
     scale = float(p.std) ** 2 if cfg.loss == "denormalised" else 1.0
     gen = np.random.default_rng(int(content_hash([cfg.seed, p.name, nodes[:1].tolist(), m], 15), 16))
@@ -435,8 +442,8 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
             keep = active[live]
             if _compact and progress is None and int(keep.sum()) <= 0.75 * len(live):
                 live = live[keep]
-                prog, params, opt = _compacted(p, sorted_nodes[live.cpu().numpy()], arch, device,
-                                               cfg, params, opt, keep)
+                prog, params, opt = _compacted(p, prog, sorted_nodes[live.cpu().numpy()], cfg,
+                                               params, opt, keep)
         if progress is not None and ep < epochs and progress.due():
             osd = opt.state_dict()
             progress.save({
