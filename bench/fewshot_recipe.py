@@ -3,13 +3,11 @@ for each LOO target (seed 0's stores: the zoo, tokens and denoiser the LOO run t
 for it), generate parameters for a seeded sample of the target's nodes, pick each node's
 sample on the validation days (4-6), fine-tune on the train days (1-3) with each
 candidate setting, and score on the validation days. Test data is not read. The
-target-only scratch models (the config's settings) are scored beside them.
+target-only scratch models are scored beside them.
 
-Candidates: the fine-tuning step size (``--lrs``; the config's is the scratch models')
-and the number of generated samples per node (``--samples``). Rule, fixed here: a
-candidate replaces the config's setting if its validation MAE is lower on at least 3 of
-the 4 targets and lower on average (relative); among several such, the lowest mean
-relative validation MAE.
+Candidates: the step size of every training on the target (``--lrs``, tried on the
+scratch models) and the number of generated samples per node (``--samples``, fine-tuned
+at the config's step size). The rule (``RULE``) is fixed here.
 
     .venv/bin/python -m bench.fewshot_recipe [--config configs/loo-quick.yaml] [--nodes 80]
         -> bench/results/fewshot_recipe.json
@@ -18,6 +16,7 @@ relative validation MAE.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -29,13 +28,36 @@ from bench.common import command_line, machine_info, now_iso, write_result
 from bench.loo import load_loo_config, target_config
 
 REPO = Path(__file__).resolve().parents[1]
+RULE = ("step size (shared by every training on the target): a candidate replaces the "
+        "config's if the scratch models' validation MAE is lower on >= 3 of the targets, the "
+        "lowest mean relative MAE among such; samples per node: the same rule on the few-shot "
+        "models at the config's step size")
+
+
+def _pick(rows: list[dict], ref: str, names: list[str]) -> tuple[str, dict]:
+    """``RULE`` over row keys: (chosen key, {key: wins vs ref, mean relative MAE})."""
+    scores = {}
+    for k in names:
+        rel = [r[k]["val_mae"] / r[ref]["val_mae"] for r in rows]
+        scores[k] = {"wins": int(sum(x < 1 for x in rel)), "mean_rel": float(np.mean(rel))}
+    ok = [k for k in names if k != ref and scores[k]["wins"] >= min(3, len(rows))]
+    return (min(ok, key=lambda k: scores[k]["mean_rel"]) if ok else ref), scores
+
+
+def decide(rows: list[dict], lr: float, samples: int) -> tuple[dict, dict]:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    lr_key, lr_scores = _pick(rows, "scratch", [k for k in keys if k.startswith("scratch")])
+    ref = f"samples{samples}_lr{lr:g}"
+    s_key, s_scores = _pick(rows, ref, [k for k in keys if k.startswith("samples")])
+    return ({"lr": rows[0][lr_key]["lr"], "samples_per_node": rows[0][s_key]["samples"]},
+            {"lr (scratch models)": lr_scores, "samples (few-shot)": s_scores})
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/loo-quick.yaml")
     ap.add_argument("--nodes", type=int, default=80, help="nodes per target (seeded sample)")
-    ap.add_argument("--lrs", type=float, nargs="*", default=[1e-3, 3e-4])
+    ap.add_argument("--lrs", type=float, nargs="*", default=[3e-3, 3e-2])
     ap.add_argument("--samples", type=int, nargs="*", default=[8])
     ap.add_argument("--targets", nargs="*")
     ap.add_argument("--store", default=None)
@@ -82,12 +104,15 @@ def main(argv=None) -> int:
         cand = np.stack([val_mae(gen[:, s]) for s in range(s_max)], 1)  # (M, S)
         row = {"target": t, "nodes": len(nodes), "val_windows": len(va)}
         zc = target_training(cfg.zoo, tc)
-        t1 = time.perf_counter()
-        r = train_models(p, nodes, zc, epochs=tc.scratch_epochs, device="cpu")
-        row["scratch"] = {"val_mae": float(r.val_mae.mean()), "seconds": time.perf_counter() - t1}
-        settings = [(tc.samples_per_node, tc.lr)] + [(tc.samples_per_node, lr) for lr in a.lrs] + \
-            [(s, tc.lr) for s in a.samples if s != tc.samples_per_node]
-        for s, lr in settings:
+        for lr in [tc.lr, *a.lrs]:  # step-size candidates, on the scratch models
+            t1 = time.perf_counter()
+            r = train_models(p, nodes, zc.model_copy(update={"lr": lr}), epochs=tc.scratch_epochs,
+                             device="cpu")
+            row["scratch" if lr == tc.lr else f"scratch_lr{lr:g}"] = {
+                "lr": lr, "val_mae": float(r.val_mae.mean()), "seconds": time.perf_counter() - t1,
+                "mean_best_epoch": float(r.best_epoch.mean())}
+        lr = tc.lr
+        for s in [tc.samples_per_node, *[s for s in a.samples if s != tc.samples_per_node]]:
             init = gen[local, cand[:, :s].argmin(1)]
             name = f"samples{s}_lr{lr:g}"
             t1 = time.perf_counter()
@@ -98,30 +123,22 @@ def main(argv=None) -> int:
                          "mean_best_epoch": float(f.best_epoch.mean()),
                          "kept_init": float((f.best_epoch == 0).mean())}
         rows.append(row)
-        print(f"{t}: scratch {row['scratch']['val_mae']:.4g} | " + " | ".join(
-            f"{k} {v['val_mae']:.4g} (zero-shot {v['zero_shot_val_mae']:.4g})"
-            for k, v in row.items() if isinstance(v, dict) and "lr" in v), flush=True)
-    ref = f"samples{base['gpdiff'].get('samples_per_node', 4)}_lr{base['gpdiff'].get('lr', 3e-3):g}"
-    names = [k for k in rows[0] if isinstance(rows[0][k], dict) and "lr" in rows[0][k]]
-    scores = {}
-    for k in names:
-        rel = [r[k]["val_mae"] / r[ref]["val_mae"] for r in rows]
-        scores[k] = {"wins": int(sum(x < 1 for x in rel)), "mean_rel": float(np.mean(rel)),
-                     "vs_scratch_wins": int(sum(r[k]["val_mae"] < r["scratch"]["val_mae"] for r in rows))}
-    ok = [k for k in names if k != ref and scores[k]["wins"] >= min(3, len(rows)) and scores[k]["mean_rel"] < 1]
-    choice = min(ok, key=lambda k: scores[k]["mean_rel"]) if ok else ref
-    out = {"machine": machine_info(), "rows": rows, "scores": scores, "reference": ref, "choice": choice,
-           "rule": "a candidate replaces the config's setting if lower validation MAE on >= 3 of 4 "
-                   "targets and lower mean relative validation MAE; the lowest such",
+        print(f"{t}: " + " | ".join(f"{k} {v['val_mae']:.4g}" + (
+            f" (zero-shot {v['zero_shot_val_mae']:.4g})" if "samples" in v else "")
+            for k, v in row.items() if isinstance(v, dict)), flush=True)
+    choice, scores = decide(rows, tc.lr, tc.samples_per_node)
+    out = {"machine": machine_info(), "rows": rows, "scores": scores, "choice": choice,
+           "rule": RULE,
            "protocol": "seed 0's zoo/tokens/denoiser per LOO target; targets' train days 1-3, "
-                       f"validation days 4-6 (test not read); {a.nodes} seeded nodes; fine-tune "
-                       f"{base['gpdiff'].get('finetune_epochs')} epochs from the sample with least "
-                       "validation MAE; validation picks samples and epochs and scores them"}
+                       f"validation days 4-6 (test not read); {a.nodes} seeded nodes; "
+                       f"{tc.scratch_epochs} epochs from scratch, {tc.finetune_epochs} from the "
+                       "generated sample with least validation MAE; validation picks samples and "
+                       "epochs and scores them"}
     config = {"config_file": a.config, "nodes": a.nodes, "lrs": a.lrs, "samples": a.samples}
     path = write_result("fewshot_recipe" if not a.out else Path(a.out).stem, out, mode="full",
                         command=command_line(argv, "bench.fewshot_recipe"), config=config, seeds=[0],
                         started=started, wall_s=time.perf_counter() - t0, out=a.out)
-    print(f"scores: {scores}\nchoice: {choice}\nwrote {path}")
+    print(f"scores: {json.dumps(scores)}\nchoice: {choice}\nwrote {path}")
     return 0
 
 

@@ -74,6 +74,7 @@ COMMANDS = {
     "zoo_speed": PY + " bench/zoo_speed.py --mode {mode}",
     "zoo_recipe": PY + " -m bench.zoo_recipe",
     "target_recipe": PY + " -m bench.target_recipe",
+    "fewshot_recipe": PY + " -m bench.fewshot_recipe",
     "token_pipeline": PY + " bench/token_pipeline.py{args}",
     "diffusion_sampling": PY + " bench/diffusion_sampling.py{args}",
     "quickstart": PY + " -m bench.quickstart",
@@ -83,7 +84,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "fewshot_recipe", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -95,6 +96,7 @@ TITLES = {
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
     "target_recipe": "Per-node models on a target: baseline, selection score, early stopping (validation)",
+    "fewshot_recipe": "Target-side step size and generated samples per node (validation)",
     "token_pipeline": "Token pipeline: S3 -> Ray Data -> torch vs plain pyarrow",
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
@@ -586,6 +588,23 @@ def r_target_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     return md + ["Validation MAE (data units; training seconds on the sampled nodes):", ""] + table(rows)
 
 
+def r_fewshot_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
+    md = [f"Protocol: {res.get('protocol', '')}.", "", f"Rule: {res.get('rule', '')}.", "",
+          f"Choice: `{res.get('choice')}`.", ""]
+    rows = []
+    for r in res.get("rows", []):
+        row = {"target": r["target"], "nodes": r["nodes"]}
+        for k, v in r.items():
+            if isinstance(v, dict):
+                zs = f", zero-shot {fmt(v['zero_shot_val_mae'])}" if "zero_shot_val_mae" in v else ""
+                row[k if k != "scratch" else f"scratch_lr{v['lr']:g}"] = \
+                    f"{fmt(v['val_mae'])} ({v['seconds']:.0f} s{zs})"
+        rows.append(row)
+    return md + ["Validation MAE (data units; training seconds on the sampled nodes; scratch_lrX: "
+                 "target-only models at step size X; samplesS_lrX: few-shot from the best of S "
+                 "generated samples, with its zero-shot MAE):", ""] + table(rows)
+
+
 def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:
     ts = res.get("tokens_stage", {})
     md = [f"Tokens stage: {ts.get('rows')} STGCN rows (P = {ts.get('P')}, L = {ts.get('L')} tokens of "
@@ -838,7 +857,7 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
-    "target_recipe": r_target_recipe,
+    "target_recipe": r_target_recipe, "fewshot_recipe": r_fewshot_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,
 }

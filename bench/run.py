@@ -24,7 +24,8 @@ twice as long):
          scaling --mode full, bench.sweeps --quick, bench.quickstart
   all    full with zoo_speed --mode full, + bench.zoo_recipe (re-chooses the zoo recipe
          that zoo_speed times) + bench.target_recipe (how per-node models train on a target,
-         chosen on the LOO targets' validation days) + bench.loo --mode quick + --mode full
+         chosen on the LOO targets' validation days) + bench.fewshot_recipe (target step size
+         and generated samples per node, same days) + bench.loo --mode quick + --mode full
 
 The LOO benches keep their stages in the store (./stgray-store or $STGRAY_STORE), so a
 second run only computes what changed and an interrupted one resumes: run the same
@@ -78,6 +79,7 @@ PLANS["all"] = {**PLANS["full"],
                 "zoo_speed": (["bench/zoo_speed.py", "--mode", "full"], 135),
                 "zoo_recipe": (["-m", "bench.zoo_recipe"], 12),
                 "target_recipe": (["-m", "bench.target_recipe"], 5),
+                "fewshot_recipe": (["-m", "bench.fewshot_recipe"], 40),
                 "loo_quick": (["-m", "bench.loo", "--mode", "quick"], 140),
                 "loo": (["-m", "bench.loo", "--mode", "full"], 360)}
 #: where each plan's JSON goes and the page rendered from it
