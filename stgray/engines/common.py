@@ -60,7 +60,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ncpu = num_cpus or max(3, os.cpu_count() or 1)  # > cores: avoids the 2-CPU Tune/Train deadlock
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True,
-                 _temp_dir=os.environ.get("STGRAY_RAY_TMP", "/tmp/ray"))
+                 _temp_dir=os.environ.get("STGRAY_RAY_TMP", "/tmp/ray"),
+                 runtime_env={"worker_process_setup_hook": quiet_train_cleaner})
+
+
+def quiet_train_cleaner() -> None:
+    """Ray worker set-up for a Ray started without its dashboard: the State API is then not
+    served, and Ray Train's placement-group cleaner warns that it cannot query the
+    controller about once a second for the whole run. Keep its errors only."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
 
 
 def scaling(num_workers: int, use_gpu: str | bool = "auto", placement_strategy: str = "PACK"):
