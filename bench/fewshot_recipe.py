@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/loo-quick.yaml")
     ap.add_argument("--nodes", type=int, default=80, help="nodes per target (seeded sample)")
     ap.add_argument("--lrs", type=float, nargs="*", default=[3e-3, 3e-2])
-    ap.add_argument("--samples", type=int, nargs="*", default=[8])
+    ap.add_argument("--samples", type=int, nargs="*", default=[2],
+                    help="samples-per-node candidates beside the config's")
     ap.add_argument("--targets", nargs="*")
     ap.add_argument("--store", default=None)
     ap.add_argument("--out", default=None)
