@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -84,6 +86,11 @@ def config_hash(obj: Any) -> str:
     from stgray.config import content_hash
 
     return content_hash(obj)
+
+
+def sample_nodes(num_nodes: int, n: int, seed: int = 0) -> np.ndarray:
+    """A seeded, sorted sample of min(n, num_nodes) node ids (the recipes' nodes)."""
+    return np.sort(np.random.default_rng(seed).choice(num_nodes, min(num_nodes, n), replace=False))
 
 
 def now_iso() -> str:

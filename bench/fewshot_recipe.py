@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import command_line, machine_info, now_iso, write_result
+from bench.common import command_line, machine_info, now_iso, sample_nodes, write_result
 from bench.loo import load_loo_config, target_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from stgray.data.prepare import load_prepared
     from stgray.engines.diffusion import generate_params
-    from stgray.engines.gpdiff_transfer import target_training
+    from stgray.engines.gpdiff_transfer import _mae_per_node, target_training
     from stgray.engines.tokens import prompts_for
     from stgray.engines.zoo import predict_nodes, train_models
     from stgray.pipeline import run_pipeline
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
         tgt = next(r["artifact"] for r in res["stages"] if r["stage"] == "prepare"
                    and r["what"].endswith("(target)"))
         p = load_prepared(store, tgt)
-        nodes = np.sort(np.random.default_rng(0).choice(p.num_nodes, min(p.num_nodes, a.nodes),
-                                                        replace=False))
+        nodes = sample_nodes(p.num_nodes, a.nodes)
         arch, tc = cfg.zoo.model, cfg.gpdiff
         va = p.window_starts("val", arch.t_in, arch.t_out)
         truth = p.raw[va[:, None] + arch.t_in + np.arange(arch.t_out)[None]][:, :, nodes]
@@ -98,11 +97,8 @@ def main(argv=None) -> int:
                               tc.sampling_steps, s_max, 0, node_keys=[[p.name, int(i)] for i in nodes])
         local = np.arange(len(nodes))
 
-        def val_mae(params):  # (M, P) -> (M,) validation MAE of node m's model
-            pred = predict_nodes(p, params, cfg.zoo, nodes, va)
-            return np.abs(pred.astype(np.float64) - truth).mean((0, 1))
-
-        cand = np.stack([val_mae(gen[:, s]) for s in range(s_max)], 1)  # (M, S)
+        cand = np.stack([_mae_per_node(predict_nodes(p, gen[:, s], cfg.zoo, nodes, va), truth)
+                         for s in range(s_max)], 1)  # (M, S) validation MAE of each sample
         row = {"target": t, "nodes": len(nodes), "val_windows": len(va)}
         zc = target_training(cfg.zoo, tc)
         for lr in [tc.lr, *a.lrs]:  # step-size candidates, on the scratch models
@@ -112,14 +108,11 @@ def main(argv=None) -> int:
             row["scratch" if lr == tc.lr else f"scratch_lr{lr:g}"] = {
                 "lr": lr, "val_mae": float(r.val_mae.mean()), "seconds": time.perf_counter() - t1,
                 "mean_best_epoch": float(r.best_epoch.mean())}
-        lr = tc.lr
         for s in [tc.samples_per_node, *[s for s in a.samples if s != tc.samples_per_node]]:
             init = gen[local, cand[:, :s].argmin(1)]
-            name = f"samples{s}_lr{lr:g}"
             t1 = time.perf_counter()
-            f = train_models(p, nodes, zc.model_copy(update={"lr": lr}), init=init,
-                             epochs=tc.finetune_epochs, device="cpu")
-            row[name] = {"samples": s, "lr": lr, "zero_shot_val_mae": float(cand[:, :s].min(1).mean()),
+            f = train_models(p, nodes, zc, init=init, epochs=tc.finetune_epochs, device="cpu")
+            row[f"samples{s}_lr{tc.lr:g}"] = {"samples": s, "lr": tc.lr, "zero_shot_val_mae": float(cand[:, :s].min(1).mean()),
                          "val_mae": float(f.val_mae.mean()), "seconds": time.perf_counter() - t1,
                          "mean_best_epoch": float(f.best_epoch.mean()),
                          "kept_init": float((f.best_epoch == 0).mean())}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import command_line, machine_info, now_iso, write_result
+from bench.common import command_line, machine_info, now_iso, sample_nodes, write_result
 from bench.loo import load_loo_config, target_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     for t in cities:
         cfg = target_config(base, cities, t, store=store_url, seeds=None, where=a.config)
         p = load_prepared(store, import_and_prepare(store, cfg, StageLog())[t])
-        nodes = np.sort(np.random.default_rng(0).choice(p.num_nodes, min(p.num_nodes, a.nodes),
-                                                        replace=False))
+        nodes = sample_nodes(p.num_nodes, a.nodes)
         arch = cfg.zoo.model
         va = p.window_starts("val", arch.t_in, arch.t_out)
         steps = va[:, None] + arch.t_in + np.arange(arch.t_out)[None]

@@ -86,13 +86,12 @@ class SeaweedS3:
     def start(self, timeout: float = 60.0, attempts: int = 3) -> "SeaweedS3":
         """Start ``weed mini``; if it exits while starting (a port of its internal services
         taken meanwhile), try again with other ports for them (the S3 port stays)."""
-        for i in range(attempts):
+        for _ in range(attempts - 1):
             try:
                 return self._start(timeout)
             except _ExitedEarly:
-                if i == attempts - 1:
-                    raise
-        return self
+                pass
+        return self._start(timeout)
 
     def _start(self, timeout: float) -> "SeaweedS3":
         self.workdir.mkdir(parents=True, exist_ok=True)
