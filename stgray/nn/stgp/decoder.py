@@ -61,16 +61,15 @@ class _GraphConv(torch.autograd.Function):
         out = torch.addmm(bias, x.reshape(-1, c), weight[:, :c].t())
         x2 = x.reshape(n, -1)
         outs, hs = [], []
-        feeds = {src for *_, src in levels}
         for lvl, (op, _, blocks, src) in enumerate(levels):
             h = _op_mm(op, x2 if src < 0 else outs[src])  # (len(blocks) * N, R * C)
             hd = h.view(len(blocks), -1, c).to(dt)
             for i, j in enumerate(blocks):
                 out.addmm_(hd[i], weight[:, j * c:(j + 1) * c].t())
             outs.append(h)
-            # fp32 sparse chains recompute their last powers in the backward pass (one cheap
-            # CSR product each) instead of keeping them
-            recompute = op.layout != torch.strided and dt == torch.float32 and lvl not in feeds
+            # fp32 sparse chains recompute every power in the backward pass (one cheap CSR
+            # product each) instead of keeping (len(levels), N * R, C) activations per layer
+            recompute = op.layout != torch.strided and dt == torch.float32
             hs.append(None if recompute else hd)
         ctx.levels = levels
         ctx.save_for_backward(x, weight, *hs)
