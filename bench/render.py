@@ -96,7 +96,7 @@ TITLES = {
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
     "target_recipe": "Per-node models on a target: baseline, selection score, early stopping (validation)",
-    "fewshot_recipe": "Target-side step size and generated samples per node (validation)",
+    "fewshot_recipe": "Target-side step size, generated samples per node and few-shot init mix (validation)",
     "token_pipeline": "Token pipeline: S3 -> Ray Data -> torch vs plain pyarrow",
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
@@ -602,7 +602,8 @@ def r_fewshot_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
         rows.append(row)
     return md + ["Validation MAE (data units; training seconds on the sampled nodes; scratch_lrX: "
                  "target-only models at step size X; samplesS_lrX: few-shot from the best of S "
-                 "generated samples, with its zero-shot MAE):", ""] + table(rows)
+                 "generated samples, with its zero-shot MAE; mixM: few-shot from M x that sample + "
+                 "(1 - M) x the scratch model's initialisation):", ""] + table(rows)
 
 
 def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:

@@ -18,8 +18,9 @@ from stgray.config import StageConfig
 from stgray.data.prepare import load_prepared
 from stgray.engines.diffusion import generate_params
 from stgray.engines.tokens import prompts_for
-from stgray.engines.zoo import ZooConfig, finetune_nodes, load_zoo, predict_nodes, train_models
+from stgray.engines.zoo import ZooConfig, finetune_nodes, init_seeds, load_zoo, predict_nodes, train_models
 from stgray.eval.metrics import forecast_metrics
+from stgray.nn.gpdiff.pernode import init_vectors
 
 TRANSFER_KIND = "gpdiff-eval"
 
@@ -28,13 +29,17 @@ class TransferConfig(StageConfig):
     """Generation and adaptation on the target."""
 
     _unhashed: ClassVar[frozenset[str]] = frozenset({"device"})
-    _hashed_unless: ClassVar[dict] = {"patience": None, "select_on": "mse"}
+    _hashed_unless: ClassVar[dict] = {"patience": None, "select_on": "mse", "init_mix": 1.0}
 
     samples_per_node: int = Field(4, gt=0, description="generated candidates per node (picked on validation)")
     sampler: Literal["ddpm", "ddim"] = "ddim"
     sampling_steps: int = Field(50, gt=0)
     finetune_epochs: int = Field(40, ge=0, description="few-shot fine-tuning epochs on the target's "
                                  "train days (each node keeps its best validation epoch)")
+    init_mix: float = Field(1.0, gt=0, le=1, description="few-shot fine-tuning starts from "
+                            "init_mix x the generated model + (1 - init_mix) x the node's fresh "
+                            "initialisation (the scratch model's; 'shrink and perturb', Ash & Adams "
+                            "2020); 1: the generated model as is")
     scratch_epochs: int = Field(60, ge=0, description="epochs of the target-only baseline")
     pooled_epochs: int = Field(20, ge=0, description="epochs of the pooled-source baseline on the "
                                "sources (0: no pooled row); fine-tuned for finetune_epochs")
@@ -62,6 +67,15 @@ def target_training(zoo_cfg: ZooConfig, cfg: TransferConfig) -> ZooConfig:
     return zoo_cfg.model_copy(update={"batch_size": cfg.batch_size, "lr": cfg.lr,
                                       "lr_schedule": cfg.lr_schedule, "patience": cfg.patience,
                                       "select_on": cfg.select_on, "seed": cfg.seed})
+
+
+def mixed_init(generated: np.ndarray, target_cfg: ZooConfig, city: str, nodes, mix: float) -> np.ndarray:
+    """(M, P) few-shot starting points: ``mix`` x generated + (1 - mix) x each node's fresh
+    initialisation under ``target_cfg`` (the one its scratch model starts from)."""
+    if mix >= 1:
+        return generated
+    fresh = init_vectors(target_cfg.model, init_seeds(target_cfg, city, nodes)).numpy()
+    return (mix * np.asarray(generated, dtype=np.float32) + (1 - mix) * fresh).astype(np.float32)
 
 
 def _mae_per_node(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -101,7 +115,8 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
     zero = gen[nodes, pick]
     t0 = time.perf_counter()
     target_cfg = target_training(zoo_cfg, cfg)
-    few = finetune_nodes(p, zero, target_cfg, cfg.finetune_epochs, node_ids=nodes) if cfg.finetune_epochs else zero
+    few = finetune_nodes(p, mixed_init(zero, target_cfg, p.name, nodes, cfg.init_mix), target_cfg,
+                         cfg.finetune_epochs, node_ids=nodes) if cfg.finetune_epochs else zero
     few_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scratch = train_models(p, nodes, target_cfg, epochs=cfg.scratch_epochs).params

@@ -69,3 +69,20 @@ def test_pooled_training_follows_the_zoo_schedule(datasets_dir):
     src = prepare(nyc_bike(datasets_dir, days=8, nodes=2), PrepareConfig(), "source")
     vc, vk = (train_pooled([src], c, epochs=2, device="cpu")[0] for c in (cfg, cos))
     assert np.isfinite(vk).all() and not np.array_equal(vc, vk)
+
+
+def test_few_shot_init_mix_interpolates_between_generated_and_the_scratch_start(datasets_dir):
+    from stgray.engines.gpdiff_transfer import TransferConfig, mixed_init, target_training
+    from stgray.engines.zoo import train_models
+
+    tc = target_training(ZooConfig(model=PerNodeArch(arch="stgcn", baseline="tod_mean")), TransferConfig(seed=3))
+    p = prepare(nyc_bike(datasets_dir, days=8, nodes=3), PrepareConfig(), "target")
+    nodes = np.array([0, 2])
+    gen = np.random.default_rng(0).normal(size=(2, make_layout(tc.model).n_params)).astype(np.float32)
+    assert mixed_init(gen, tc, p.name, nodes, 1.0) is gen  # the default: the generated model as is
+    # mix 0.25 -> the fresh part is exactly the scratch model's epoch-0 parameters
+    scratch0 = train_models(p, nodes, tc, epochs=0).params
+    mixed = mixed_init(gen, tc, p.name, nodes, 0.25)
+    np.testing.assert_allclose((mixed - 0.25 * gen) / 0.75, scratch0, rtol=1e-4, atol=1e-5)
+    assert "init_mix" not in TransferConfig().hashed_dict()  # unset, artefact names stay
+    assert TransferConfig(init_mix=0.5).hashed_dict()["init_mix"] == 0.5
