@@ -9,6 +9,7 @@ every method's row comes from the same pipeline run on the same data and split.
     .venv/bin/python -m bench.loo --mode full      # configs/loo.yaml: 4 targets x 3 seeds,
                                                    # whole zoos (many hours)
     .venv/bin/python -m bench.loo --mode quick --targets nyc_bike hangzhou_metro --seeds 0
+    .venv/bin/python -m bench.loo --mode quick --stages prepare zoo tokens diffusion gpdiff baselines report
 
 One ``PipelineConfig`` per target (the config file's settings, ``sources`` = the other
 cities) is run with ``stgray.pipeline.run_pipeline`` in one process and one Ray; stages
@@ -77,7 +78,7 @@ def load_loo_config(path: str) -> tuple[list[str], dict]:
 
 
 def target_config(base: dict, cities: list[str], target: str, *, store: str | None,
-                  seeds: list[int] | None, where: str):
+                  seeds: list[int] | None, where: str, stages: list[str] | None = None):
     from stgray.pipeline import PipelineConfig
 
     d = {**base, "name": f"{base.get('name', 'loo')}-{target}", "target": target,
@@ -86,6 +87,8 @@ def target_config(base: dict, cities: list[str], target: str, *, store: str | No
         d["store"] = store
     if seeds is not None:
         d["seeds"] = seeds
+    if stages:
+        d["stages"] = stages
     return PipelineConfig.from_mapping(d, where=where)
 
 
@@ -120,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="*", help="targets to run (default: smoke the first city, "
                                                  "quick and full all cities)")
     ap.add_argument("--seeds", type=int, nargs="*", help="override the config's seeds")
+    ap.add_argument("--stages", nargs="*", help="override the config's stages (e.g. GPDiff only: "
+                                                "prepare zoo tokens diffusion gpdiff baselines report)")
     ap.add_argument("--store", default=None, help="store URL (default $STGRAY_STORE or ./stgray-store)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"targets {bad} are not among the config's cities {cities}")
     store = a.store or os.environ.get("STGRAY_STORE") or str(REPO / "stgray-store")
-    cfgs = {t: target_config(base, cities, t, store=store, seeds=a.seeds, where=path) for t in targets}
+    cfgs = {t: target_config(base, cities, t, store=store, seeds=a.seeds, where=path, stages=a.stages)
+            for t in targets}
     seeds = list(next(iter(cfgs.values())).seeds)
     machine = machine_info()
     started, t0 = now_iso(), time.perf_counter()
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
               flush=True)
         print(results_markdown(res["rows"]), flush=True)
     agg = aggregate_rows(rows)
-    config = {"config_file": path, "base": base, "cities": cities, "targets": targets, "seeds": seeds}
+    config = {"config_file": path, "base": base, "cities": cities, "targets": targets, "seeds": seeds,
+              **({"stages": a.stages} if a.stages else {})}
     out = {"machine": machine, "config": config, "store": store, "targets": per_target, "rows": rows,
            "aggregate": agg, "coverage": coverage(rows, list(per_target)), "failed": failed,
            "load_note": "shared 2-core machine: other sessions ran tests at the same time; "
