@@ -84,19 +84,24 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "fewshot_recipe", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "fewshot_recipe", "fewshot_mix", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
     "loo_quick": "Cross-city transfer, leave one city out (quick sizes)",
     "loo_quick_extra": "Cross-city transfer, leave one city out (quick sizes, targets run apart "
                        "with fewer seeds)",
+    "loo_quick_gpdiff": "Cross-city transfer, leave one city out (quick sizes, GPDiff and the "
+                        "baselines only: the GPDiff rows after a later change of its settings)",
+    "loo_quick_gpdiff_extra": "Cross-city transfer, leave one city out (quick sizes, GPDiff and the "
+                              "baselines only, targets run apart with fewer seeds)",
     "loo_smoke": "Cross-city transfer, leave one city out (smoke: one target, tiny sizes)",
     "scaling": "Scale: zoo -> tokens -> generation vs node count",
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
     "target_recipe": "Per-node models on a target: baseline, selection score, early stopping (validation)",
     "fewshot_recipe": "Target-side step size, generated samples per node and few-shot init mix (validation)",
+    "fewshot_mix": "Few-shot init mix: how much of the generated model fine-tuning starts from (validation)",
     "token_pipeline": "Token pipeline: S3 -> Ray Data -> torch vs plain pyarrow",
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
@@ -857,8 +862,9 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
-    "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
-    "target_recipe": r_target_recipe, "fewshot_recipe": r_fewshot_recipe,
+    "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_quick_gpdiff": r_loo,
+    "loo_quick_gpdiff_extra": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
+    "target_recipe": r_target_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,
 }
