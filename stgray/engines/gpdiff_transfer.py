@@ -18,9 +18,8 @@ from stgray.config import StageConfig
 from stgray.data.prepare import load_prepared
 from stgray.engines.diffusion import generate_params
 from stgray.engines.tokens import prompts_for
-from stgray.engines.zoo import ZooConfig, finetune_nodes, init_seeds, load_zoo, predict_nodes, train_models
+from stgray.engines.zoo import ZooConfig, finetune_nodes, fresh_init, load_zoo, predict_nodes, train_models
 from stgray.eval.metrics import forecast_metrics
-from stgray.nn.gpdiff.pernode import init_vectors
 
 TRANSFER_KIND = "gpdiff-eval"
 
@@ -74,7 +73,7 @@ def mixed_init(generated: np.ndarray, target_cfg: ZooConfig, city: str, nodes, m
     initialisation under ``target_cfg`` (the one its scratch model starts from)."""
     if mix >= 1:
         return generated
-    fresh = init_vectors(target_cfg.model, init_seeds(target_cfg, city, nodes)).numpy()
+    fresh = fresh_init(target_cfg, city, nodes).numpy()
     return (mix * np.asarray(generated, dtype=np.float32) + (1 - mix) * fresh).astype(np.float32)
 
 

@@ -137,6 +137,11 @@ def init_seeds(cfg: ZooConfig, city: str, nodes) -> list[int]:
     return node_seeds(cfg.seed, city, nodes)
 
 
+def fresh_init(cfg: ZooConfig, city: str, nodes) -> torch.Tensor:
+    """(M, P) the random initial parameters of each node's model under ``cfg``."""
+    return init_vectors(cfg.model, init_seeds(cfg, city, nodes))
+
+
 def plan_chunks(sizes: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
     """Split ascending ``sizes`` into [lo, hi) runs with (hi - lo) * sizes[hi-1] <= max_rows."""
     out, lo = [], 0
@@ -326,7 +331,7 @@ def train_models(p: Prepared, nodes, cfg: ZooConfig, *, init: np.ndarray | torch
     if m == 0:
         raise DataError("no nodes to train", where=p.name)
     if init is None:
-        init = init_vectors(arch, init_seeds(cfg, p.name, nodes))
+        init = fresh_init(cfg, p.name, nodes)
     init = torch.tensor(np.asarray(init, dtype=np.float32))
     if tuple(init.shape) != (m, layout.n_params):
         raise DataError(f"initial parameters have shape {tuple(init.shape)}, want "
