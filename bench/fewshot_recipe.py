@@ -8,7 +8,8 @@ target-only scratch models are scored beside them.
 Candidates: the step size of every training on the target (``--lrs``, tried on the
 scratch models), the number of generated samples per node (``--samples``, fine-tuned
 at the config's step size) and how much of the generated model the fine-tuning starts
-from (``--mixes``: ``gpdiff.init_mix``, at the config's step size and samples). The rule
+from (``--mixes``: ``gpdiff.init_mix``, at the config's step size and samples) and how many
+of each node's best samples are fine-tuned (``--topk``: ``gpdiff.finetune_candidates``). The rule
 (``RULE``) is fixed here.
 
     .venv/bin/python -m bench.fewshot_recipe [--config configs/loo-quick.yaml] [--nodes 80]
@@ -34,7 +35,8 @@ RULE = ("step size (shared by every training on the target): a candidate replace
         "config's if the scratch models' validation MAE is lower on >= 3 of the targets, the "
         "lowest mean relative MAE among such; samples per node: the same rule on the few-shot "
         "models at the config's step size; init_mix: the same rule on the few-shot models at the "
-        "config's step size and samples")
+        "config's step size and samples; finetune_candidates (each node's k best samples "
+        "fine-tuned, the best on validation kept): the same rule at the config's other settings")
 
 
 def _pick(rows: list[dict], ref: str, names: list[str]) -> tuple[str, dict]:
@@ -47,15 +49,18 @@ def _pick(rows: list[dict], ref: str, names: list[str]) -> tuple[str, dict]:
     return (min(ok, key=lambda k: scores[k]["mean_rel"]) if ok else ref), scores
 
 
-def decide(rows: list[dict], lr: float, samples: int, mix: float = 1.0) -> tuple[dict, dict]:
+def decide(rows: list[dict], lr: float, samples: int, mix: float = 1.0, topk: int = 1) -> tuple[dict, dict]:
     keys = [k for k in rows[0] if isinstance(rows[0][k], dict)]
     lr_key, lr_scores = _pick(rows, "scratch", [k for k in keys if k.startswith("scratch")])
     ref = f"samples{samples}_lr{lr:g}"
     s_key, s_scores = _pick(rows, ref, [k for k in keys if k.startswith("samples")])
     m_key, m_scores = _pick(rows, ref, [ref, *[k for k in keys if k.startswith("mix")]])
+    k_key, k_scores = _pick(rows, ref, [ref, *[k for k in keys if k.startswith("top")]])
     return ({"lr": rows[0][lr_key]["lr"], "samples_per_node": rows[0][s_key]["samples"],
-             "init_mix": rows[0][m_key].get("init_mix", mix)},
-            {"lr (scratch models)": lr_scores, "samples (few-shot)": s_scores, "init_mix (few-shot)": m_scores})
+             "init_mix": rows[0][m_key].get("init_mix", mix),
+             "finetune_candidates": rows[0][k_key].get("finetune_candidates", topk)},
+            {"lr (scratch models)": lr_scores, "samples (few-shot)": s_scores,
+             "init_mix (few-shot)": m_scores, "finetune_candidates (few-shot)": k_scores})
 
 
 def main(argv=None) -> int:
@@ -67,6 +72,8 @@ def main(argv=None) -> int:
                     help="samples-per-node candidates beside the config's")
     ap.add_argument("--mixes", type=float, nargs="*", default=[0.5],
                     help="init_mix candidates beside the config's")
+    ap.add_argument("--topk", type=int, nargs="*", default=[],
+                    help="finetune_candidates candidates beside the config's")
     ap.add_argument("--targets", nargs="*")
     ap.add_argument("--store", default=None)
     ap.add_argument("--out", default=None)
@@ -75,7 +82,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from stgray.data.prepare import load_prepared
     from stgray.engines.diffusion import generate_params
-    from stgray.engines.gpdiff_transfer import _mae_per_node, mixed_init, target_training
+    from stgray.engines.gpdiff_transfer import _mae_per_node, finetune_best, target_training
     from stgray.engines.tokens import prompts_for
     from stgray.engines.zoo import predict_nodes, train_models
     from stgray.pipeline import run_pipeline
@@ -116,22 +123,26 @@ def main(argv=None) -> int:
                 "lr": lr, "val_mae": float(r.val_mae.mean()), "seconds": time.perf_counter() - t1,
                 "mean_best_epoch": float(r.best_epoch.mean())}
         s_ref = tc.samples_per_node
-        for s, mix in [(s_ref, tc.init_mix), *[(s, tc.init_mix) for s in a.samples if s != s_ref],
-                       *[(s_ref, m) for m in a.mixes if m != tc.init_mix]]:
-            init = mixed_init(gen[local, cand[:, :s].argmin(1)], zc, p.name, nodes, mix)
+        k_ref = tc.finetune_candidates
+        for s, mix, k in [(s_ref, tc.init_mix, k_ref),
+                          *[(s, tc.init_mix, k_ref) for s in a.samples if s != s_ref],
+                          *[(s_ref, m, k_ref) for m in a.mixes if m != tc.init_mix],
+                          *[(s_ref, tc.init_mix, k) for k in a.topk if k != k_ref]]:
             t1 = time.perf_counter()
-            f = train_models(p, nodes, zc, init=init, epochs=tc.finetune_epochs, device="cpu")
-            key = f"samples{s}_lr{tc.lr:g}" if mix == tc.init_mix else f"mix{mix:g}"
-            row[key] = {"samples": s, "lr": tc.lr, "init_mix": mix,
+            zt = zc.model_copy(update={"device": "cpu"})
+            few, _ = finetune_best(p, gen[local, :s], cand[:, :s], zt, tc.finetune_epochs, nodes, mix, k)
+            secs = time.perf_counter() - t1
+            f_mae = _mae_per_node(predict_nodes(p, few, cfg.zoo, nodes, va), truth)
+            key = (f"samples{s}_lr{tc.lr:g}" if (mix, k) == (tc.init_mix, k_ref) else
+                   f"mix{mix:g}" if mix != tc.init_mix else f"top{k}")
+            row[key] = {"samples": s, "lr": tc.lr, "init_mix": mix, "finetune_candidates": k,
                         "zero_shot_val_mae": float(cand[:, :s].min(1).mean()),
-                        "val_mae": float(f.val_mae.mean()), "seconds": time.perf_counter() - t1,
-                        "mean_best_epoch": float(f.best_epoch.mean()),
-                        "kept_init": float((f.best_epoch == 0).mean())}
+                        "val_mae": float(f_mae.mean()), "seconds": secs}
         rows.append(row)
         print(f"{t}: " + " | ".join(f"{k} {v['val_mae']:.4g}" + (
             f" (zero-shot {v['zero_shot_val_mae']:.4g})" if "samples" in v else "")
             for k, v in row.items() if isinstance(v, dict)), flush=True)
-    choice, scores = decide(rows, tc.lr, tc.samples_per_node, tc.init_mix)
+    choice, scores = decide(rows, tc.lr, tc.samples_per_node, tc.init_mix, tc.finetune_candidates)
     out = {"machine": machine_info(), "rows": rows, "scores": scores, "choice": choice,
            "rule": RULE,
            "protocol": "seed 0's zoo/tokens/denoiser per LOO target; targets' train days 1-3, "
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
                        "generated sample with least validation MAE; validation picks samples and "
                        "epochs and scores them"}
     config = {"config_file": a.config, "nodes": a.nodes, "lrs": a.lrs, "samples": a.samples,
-              "mixes": a.mixes}
+              "mixes": a.mixes, "topk": a.topk}
     path = write_result("fewshot_recipe" if not a.out else Path(a.out).stem, out, mode="full",
                         command=command_line(argv, "bench.fewshot_recipe"), config=config, seeds=[0],
                         started=started, wall_s=time.perf_counter() - t0, out=a.out)

@@ -28,7 +28,8 @@ class TransferConfig(StageConfig):
     """Generation and adaptation on the target."""
 
     _unhashed: ClassVar[frozenset[str]] = frozenset({"device"})
-    _hashed_unless: ClassVar[dict] = {"patience": None, "select_on": "mse", "init_mix": 1.0}
+    _hashed_unless: ClassVar[dict] = {"patience": None, "select_on": "mse", "init_mix": 1.0,
+                                      "finetune_candidates": 1}
 
     samples_per_node: int = Field(4, gt=0, description="generated candidates per node (picked on validation)")
     sampler: Literal["ddpm", "ddim"] = "ddim"
@@ -39,6 +40,9 @@ class TransferConfig(StageConfig):
                             "init_mix x the generated model + (1 - init_mix) x the node's fresh "
                             "initialisation (the scratch model's; 'shrink and perturb', Ash & Adams "
                             "2020); 1: the generated model as is")
+    finetune_candidates: int = Field(1, gt=0, description="few-shot: fine-tune each node's this "
+                                     "many best samples (by zero-shot validation MAE) and keep the "
+                                     "one whose fine-tuned model scores best on validation")
     scratch_epochs: int = Field(60, ge=0, description="epochs of the target-only baseline")
     pooled_epochs: int = Field(20, ge=0, description="epochs of the pooled-source baseline on the "
                                "sources (0: no pooled row); fine-tuned for finetune_epochs")
@@ -75,6 +79,27 @@ def mixed_init(generated: np.ndarray, target_cfg: ZooConfig, city: str, nodes, m
         return generated
     fresh = fresh_init(target_cfg, city, nodes).numpy()
     return (mix * np.asarray(generated, dtype=np.float32) + (1 - mix) * fresh).astype(np.float32)
+
+
+def finetune_best(p, generated: np.ndarray, cand: np.ndarray, target_cfg: ZooConfig, epochs: int,
+                  nodes, mix: float, k: int):
+    """Few-shot from each node's ``k`` best samples: ``generated`` (M, S, P) for ``nodes``
+    (M,), ``cand`` (M, S) their zero-shot validation MAE. Fine-tunes M x k models (started
+    by ``mixed_init``) and keeps per node the one of least validation score (``select_on``)
+    -> (M, P) parameters, (M,) index of the kept sample."""
+    nodes = np.asarray(nodes)
+    m, k = len(nodes), max(1, min(int(k), generated.shape[1]))
+    top = np.argsort(cand, 1, kind="stable")[:, :k]  # (M, k)
+    rep = np.repeat(nodes, k)
+    init = mixed_init(generated[np.arange(m)[:, None], top].reshape(m * k, -1), target_cfg, p.name,
+                      rep, mix)
+    if not epochs:
+        return init.reshape(m, k, -1)[:, 0], top[:, 0]
+    res = finetune_nodes(p, init, target_cfg, epochs, node_ids=rep, return_result=True)
+    score = (res.val_mae if target_cfg.select_on == "mae" else res.val_mse).reshape(m, k)
+    score = np.where(np.isfinite(score), score, np.inf)
+    best = score.argmin(1)
+    return res.params.reshape(m, k, -1)[np.arange(m), best], top[np.arange(m), best]
 
 
 def _mae_per_node(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -114,8 +139,8 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
     zero = gen[nodes, pick]
     t0 = time.perf_counter()
     target_cfg = target_training(zoo_cfg, cfg)
-    few = finetune_nodes(p, mixed_init(zero, target_cfg, p.name, nodes, cfg.init_mix), target_cfg,
-                         cfg.finetune_epochs, node_ids=nodes) if cfg.finetune_epochs else zero
+    few, few_pick = finetune_best(p, gen, cand, target_cfg, cfg.finetune_epochs, nodes, cfg.init_mix,
+                                  cfg.finetune_candidates) if cfg.finetune_epochs else (zero, pick)
     few_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scratch = train_models(p, nodes, target_cfg, epochs=cfg.scratch_epochs).params
@@ -150,6 +175,7 @@ def run_gpdiff_transfer(store, cfg: TransferConfig, zoo_cfg: ZooConfig, zoo_id: 
     meta = {"rows": rows, "sampling_seconds": info.get("sampling_seconds"), "sampler": cfg.sampler,
             "sampling_steps": cfg.sampling_steps, "val_mae_of_samples_mean": float(np.nanmean(
                 np.where(np.isfinite(cand), cand, np.nan))), "nonfinite_samples": int((~np.isfinite(cand)).sum()),
+            "few_shot_kept_other_sample": float((few_pick != pick).mean()),
             "pooled": pooled_info}
     with store.writer(TRANSFER_KIND, config, inputs, label=f"{p.name} gpdiff", meta=meta) as w:
         for name, arr in (("zero_shot_params.npy", zero), ("few_shot_params.npy", few),

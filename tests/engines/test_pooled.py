@@ -86,3 +86,28 @@ def test_few_shot_init_mix_interpolates_between_generated_and_the_scratch_start(
     np.testing.assert_allclose((mixed - 0.25 * gen) / 0.75, scratch0, rtol=1e-4, atol=1e-5)
     assert "init_mix" not in TransferConfig().hashed_dict()  # unset, artefact names stay
     assert TransferConfig(init_mix=0.5).hashed_dict()["init_mix"] == 0.5
+
+
+def test_few_shot_from_k_candidates_keeps_each_nodes_best_on_validation(datasets_dir):
+    from stgray.engines.gpdiff_transfer import TransferConfig, finetune_best, target_training
+    from stgray.engines.zoo import finetune_nodes
+
+    tc = target_training(ZooConfig(model=PerNodeArch(arch="stgcn", baseline="tod_mean")),
+                         TransferConfig(seed=1, select_on="mae"))
+    p = prepare(nyc_bike(datasets_dir, days=8, nodes=3), PrepareConfig(), "target")
+    nodes = np.array([0, 1, 2])
+    gen = np.random.default_rng(0).normal(0, 0.1, size=(3, 3, make_layout(tc.model).n_params)).astype(np.float32)
+    cand = np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 3.0, 1.0]])  # zero-shot validation MAE
+    one, pick1 = finetune_best(p, gen, cand, tc, 2, nodes, 1.0, 1)
+    np.testing.assert_array_equal(pick1, [1, 0, 2])  # k=1: each node's best zero-shot sample
+    np.testing.assert_array_equal(one, finetune_nodes(p, gen[[0, 1, 2], [1, 0, 2]], tc, 2, node_ids=nodes))
+    two, pick2 = finetune_best(p, gen, cand, tc, 2, nodes, 1.0, 2)
+    assert all(k in top for k, top in zip(pick2, ([1, 2], [0, 1], [2, 0])))
+    # the kept model is, per node, the fine-tuned candidate of least validation MAE
+    both = finetune_nodes(p, gen[[0, 0, 1, 1, 2, 2], [1, 2, 0, 1, 2, 0]], tc, 2,
+                          node_ids=np.repeat(nodes, 2), return_result=True)  # the same 6 runs
+    keep = both.val_mae.reshape(3, 2).argmin(1)
+    np.testing.assert_array_equal(two, both.params.reshape(3, 2, -1)[[0, 1, 2], keep])
+    np.testing.assert_array_equal(pick2, np.array([[1, 2], [0, 1], [2, 0]])[[0, 1, 2], keep])
+    assert "finetune_candidates" not in TransferConfig().hashed_dict()
+    assert TransferConfig(finetune_candidates=2).hashed_dict()["finetune_candidates"] == 2
