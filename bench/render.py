@@ -84,7 +84,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "fewshot_recipe", "fewshot_mix", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -102,6 +102,7 @@ TITLES = {
     "target_recipe": "Per-node models on a target: baseline, selection score, early stopping (validation)",
     "fewshot_recipe": "Target-side step size, generated samples per node and few-shot init mix (validation)",
     "fewshot_mix": "Few-shot init mix: how much of the generated model fine-tuning starts from (validation)",
+    "fewshot_topk": "Few-shot candidates: how many of each node's best samples are fine-tuned (validation)",
     "token_pipeline": "Token pipeline: S3 -> Ray Data -> torch vs plain pyarrow",
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
@@ -608,7 +609,8 @@ def r_fewshot_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     return md + ["Validation MAE (data units; training seconds on the sampled nodes; scratch_lrX: "
                  "target-only models at step size X; samplesS_lrX: few-shot from the best of S "
                  "generated samples, with its zero-shot MAE; mixM: few-shot from M x that sample + "
-                 "(1 - M) x the scratch model's initialisation):", ""] + table(rows)
+                 "(1 - M) x the scratch model's initialisation; topK: few-shot from each of the K "
+                 "best samples, the best on validation kept):", ""] + table(rows)
 
 
 def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:
@@ -865,6 +867,7 @@ RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_quick_gpdiff": r_loo,
     "loo_quick_gpdiff_extra": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
     "target_recipe": r_target_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
+    "fewshot_topk": r_fewshot_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,
 }
