@@ -560,7 +560,8 @@ def _recipe_note(rec: dict) -> str:
 def r_zoo_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     md = ["bench.zoo_speed reports on other nodes than these selection nodes; a candidate "
           "qualifies when every selection node is at least as accurate on validation as after "
-          "30 reference epochs; the qualifying candidate with the lowest mean wins.", ""]
+          "30 reference epochs; the qualifying candidate with the lowest mean validation MAE "
+          "relative to the reference's wins.", ""]
     for arch, a in res.get("archs", {}).items():
         md += [f"{arch}: selection nodes {a.get('selection_nodes', res.get('selection_nodes'))}."
                + (f" Note: {a['note']}." if a.get("note") else ""), ""]
@@ -570,12 +571,14 @@ def r_zoo_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     for arch, a in res.get("archs", {}).items():
         ref = a.get("reference", {})
         rows.append({"arch": arch, "recipe": f"reference: lr {ref.get('lr')} x {ref.get('epochs')}",
-                     "mean val MAE": ref.get("val_mae_mean"), "nodes at least as accurate": "-",
+                     "mean val MAE": ref.get("val_mae_mean"), "mean relative to reference": 1.0,
+                     "nodes at least as accurate": "-",
                      "chosen": ""})
         for c in a.get("candidates", []):
             rec = f"lr {c['lr']} x {c['epochs']} {c['lr_schedule']}"
             ch = a.get("chosen") or {}
             rows.append({"arch": arch, "recipe": rec, "mean val MAE": c["val_mae_mean"],
+                         "mean relative to reference": c.get("mean_relative_mae"),
                          "nodes at least as accurate": f"{sum(c['at_least_as_accurate'])}/{len(c['at_least_as_accurate'])}",
                          "chosen": "yes" if all(c[k] == ch.get(k) for k in ("lr", "epochs", "lr_schedule")) else ""})
     return md + table(rows)
