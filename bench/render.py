@@ -291,6 +291,7 @@ def r_loo(name: str, res: dict, ctx: Ctx) -> list[str]:
                 imp.append({"target": t, "task": task, "method": r["method"], "MAE": r["mae"],
                             "best baseline": b["method"], "baseline MAE": b["mae"], "improvement %": gain})
     _loo_criteria(name, agg, list(per) or sorted({r["target"] for r in agg}), ctx)
+    _loo_combined(name, res, ctx)
     if imp:
         md += ["### Improvement over the best baseline (MAE)", "",
                "Positive = the method beats the best baseline row of the same target and task. The "
@@ -341,6 +342,29 @@ def _loo_criteria(name: str, agg: list[dict], targets: list[str], ctx: Ctx) -> N
             ctx.target(name, f"{issue} {method} beats {against} ({task}, MAE, mean over seeds)",
                        "on >= 3 of 4 targets", f"{sum(wins)} of {len(wins)}: " + "; ".join(detail),
                        sum(wins) >= 3 if four else None, "" if four else "fewer than four targets run")
+
+
+def _loo_combined(name: str, res: dict, ctx: Ctx) -> None:
+    """``X_extra`` (targets run apart, fewer seeds) judged together with ``X`` when both ran
+    the same base configuration on disjoint targets."""
+    if not name.endswith("_extra"):
+        return
+    path = _Where.results / f"{name[:-len('_extra')]}.json"
+    try:
+        main = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    a, b = main.get("config") or {}, res.get("config") or {}
+    ta, tb = list(main.get("targets") or {}), list(res.get("targets") or {})
+    if not ta or not tb or set(ta) & set(tb) or a.get("base") != b.get("base") or \
+            a.get("stages") != b.get("stages"):
+        return
+    seeds = f"seeds: {', '.join(ta)} {len(main.get('seeds') or [])}; {', '.join(tb)} {len(res.get('seeds') or [])}"
+    before = len(ctx.targets)
+    _loo_criteria(f"{path.stem} + {name}", (main.get("aggregate") or []) + (res.get("aggregate") or []),
+                  ta + tb, ctx)
+    for row in ctx.targets[before:]:
+        row["note"] = "; ".join(x for x in (row["note"], seeds) if x)
 
 
 def _plot_loo(name: str, agg: list[dict]) -> str:
