@@ -1,5 +1,6 @@
 """GPDiff transfer to the target: generate per-node parameters from the target's prompts,
-pick each node's sample on validation (zero-shot), fine-tune it on the train days
+pick each node's sample on validation (zero-shot), fine-tune it (or its
+``finetune_candidates`` best samples, keeping the best on validation) on the train days
 (few-shot), and compare with per-node models trained on the target alone and with the
 pooled-source baseline (one model shared by all source nodes, fine-tuned per target node:
 ``engines/pooled.py``); the test split is evaluated once per method at the end.
