@@ -124,13 +124,13 @@ def main(argv=None) -> int:
                 "mean_best_epoch": float(r.best_epoch.mean())}
         s_ref = tc.samples_per_node
         k_ref = tc.finetune_candidates
+        zc_cpu = zc.model_copy(update={"device": "cpu"})
         for s, mix, k in [(s_ref, tc.init_mix, k_ref),
                           *[(s, tc.init_mix, k_ref) for s in a.samples if s != s_ref],
                           *[(s_ref, m, k_ref) for m in a.mixes if m != tc.init_mix],
                           *[(s_ref, tc.init_mix, k) for k in a.topk if k != k_ref]]:
             t1 = time.perf_counter()
-            zt = zc.model_copy(update={"device": "cpu"})
-            few, _ = finetune_best(p, gen[local, :s], cand[:, :s], zt, tc.finetune_epochs, nodes, mix, k)
+            few, _ = finetune_best(p, gen[local, :s], cand[:, :s], zc_cpu, tc.finetune_epochs, nodes, mix, k)
             secs = time.perf_counter() - t1
             f_mae = _mae_per_node(predict_nodes(p, few, cfg.zoo, nodes, va), truth)
             key = (f"samples{s}_lr{tc.lr:g}" if (mix, k) == (tc.init_mix, k_ref) else

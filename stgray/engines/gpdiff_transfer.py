@@ -94,8 +94,6 @@ def finetune_best(p, generated: np.ndarray, cand: np.ndarray, target_cfg: ZooCon
     rep = np.repeat(nodes, k)
     init = mixed_init(generated[np.arange(m)[:, None], top].reshape(m * k, -1), target_cfg, p.name,
                       rep, mix)
-    if not epochs:
-        return init.reshape(m, k, -1)[:, 0], top[:, 0]
     res = finetune_nodes(p, init, target_cfg, epochs, node_ids=rep, return_result=True)
     score = (res.val_mae if target_cfg.select_on == "mae" else res.val_mse).reshape(m, k)
     score = np.where(np.isfinite(score), score, np.inf)
