@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from stgray.data.prepare import load_prepared
     from stgray.engines.gpdiff_transfer import target_training
     from stgray.engines.zoo import train_models
-    from stgray.nn.gpdiff.pernode import seasonal_baseline
+    from stgray.data.prepare import seasonal_baseline
     from stgray.pipeline import StageLog, import_and_prepare
     from stgray.store import ArtifactStore
 

@@ -12,7 +12,7 @@ back into the previous split (that history is known at forecast time).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -57,6 +57,8 @@ class Prepared:
     adj: (N, N) float32 weighted adjacency as a sparse CSR array, ``adj[i, j]`` = weight of
         edge i -> j (a dense array given here is converted; ``dense_adj()`` for the dense one).
     splits: name -> [start, end) step range; unobserved: sorted node indices (kriging).
+    offset: (T, N) float32 normalised seasonal part already taken out of ``x`` (``x +
+        offset`` is the normalised series; see ``deseasonalise``), None when none was.
     """
 
     name: str
@@ -73,6 +75,7 @@ class Prepared:
     step_s: int
     start: pd.Timestamp
     zeros_are_values: bool = True
+    offset: np.ndarray | None = None
 
     def __post_init__(self):
         self.adj = as_sparse_adjacency(self.adj, self.num_nodes)
@@ -215,6 +218,48 @@ def prepare(city: City, cfg: PrepareConfig, role: Role) -> Prepared:
                     adj=adjacency_from_edges(c.edges, c.weights, n), splits=splits,
                     unobserved=unobserved.astype(np.int64),
                     step_s=cfg.step_s, start=pd.Timestamp(c.start), zeros_are_values=c.zeros_are_values)
+
+
+def seasonal_baseline(p, kind: str = "tod_mean") -> np.ndarray:
+    """(T, N) float32 normalised time-of-day mean of ``p.x`` over the train split.
+
+    Cross-fitted on the train split itself: a train step gets the mean of the *other*
+    train days at its time of day (a model fitted on train residuals must not see its
+    own target in the baseline; with 3 train days the in-sample mean would hold a third
+    of it). Other steps get the mean of all train days; a time of day never seen in
+    training gets the node's train mean.
+    """
+    if kind != "tod_mean":
+        raise ValueError(f"unknown baseline '{kind}'")
+    lo, hi = p.splits["train"]
+    spd = p.steps_per_day
+    x = np.asarray(p.x, dtype=np.float64)
+    sums = np.zeros((spd, x.shape[1]))
+    counts = np.zeros(spd)
+    np.add.at(sums, p.tod[lo:hi], x[lo:hi])
+    np.add.at(counts, p.tod[lo:hi], 1)
+    node_mean = x[lo:hi].mean(0)
+    c = counts[p.tod][:, None]  # (T, 1)
+    base = np.where(c > 0, sums[p.tod] / np.maximum(c, 1), node_mean[None])
+    tr = slice(lo, hi)
+    c_tr = c[tr]
+    loo = (sums[p.tod[tr]] - x[tr]) / np.maximum(c_tr - 1, 1)
+    base[tr] = np.where(c_tr > 1, loo, base[tr])
+    return base.astype(np.float32)
+
+
+def deseasonalise(p: Prepared) -> Prepared:
+    """A copy of ``p`` whose ``x`` is the residual after ``seasonal_baseline`` (each node's
+    time-of-day mean over the train split, normalised units), kept in ``offset`` to be
+    added back. The unobserved (kriging) nodes' values are never read: they get the mean
+    of the observed nodes' baselines."""
+    if p.offset is not None:
+        return p
+    offset = seasonal_baseline(p)
+    obs = p.observed
+    if len(p.unobserved) and len(obs):
+        offset[:, p.unobserved] = offset[:, obs].mean(1, keepdims=True)
+    return replace(p, x=(p.x - offset).astype(np.float32), offset=offset)
 
 
 # --- store ---------------------------------------------------------------------------

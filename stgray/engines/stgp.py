@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from stgray.config import StageConfig
-from stgray.data.prepare import Prepared, load_prepared
+from stgray.data.prepare import Prepared, deseasonalise, load_prepared
 from stgray.engines import ray_utils
 from stgray.engines.common import (amp_enabled, resolve_device, run_config, scaling,
                                    tensors_from_bytes, tensors_to_bytes)
@@ -56,6 +56,7 @@ class STGPPretrainConfig(StageConfig):
     # num_workers is hashed: data-parallel workers change the global batch. Where the
     # workers run (placement, one node or many) and on what device is not.
     _unhashed: ClassVar[frozenset[str]] = frozenset({"use_gpu", "max_failures", "placement_strategy"})
+    _hashed_unless: ClassVar[dict[str, Any]] = {"deseasonalise": False}
 
     model: STGPModelConfig = Field(default_factory=hourly_model)
     t_in: int = Field(12, gt=0)
@@ -67,6 +68,9 @@ class STGPPretrainConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0)
     mask_patch: float = Field(0.5, ge=0, le=1)
     mask_node: float = Field(0.5, ge=0, le=1)
+    deseasonalise: bool = Field(False, description="every stage (pre-training, prompting, "
+                                "evaluation) models each node's residual after its time-of-day "
+                                "mean over the city's train split, added back for metrics")
     val_windows: int = Field(32, gt=0, description="fixed validation windows per source city")
     seed: int = 0
     num_workers: int = Field(2, gt=0)
@@ -100,6 +104,20 @@ def _template(t_in: int, t_out: int, m: STGPModelConfig) -> PatchTemplate:
     return PatchTemplate.for_forecast(t_in, t_out, m.patch_len)
 
 
+def _load_city(store, prepared_id: str, cfg: STGPPretrainConfig) -> Prepared:
+    p = load_prepared(store, prepared_id)
+    return deseasonalise(p) if cfg.deseasonalise else p
+
+
+def _restore(p: Prepared, tmpl: PatchTemplate, starts, z: torch.Tensor) -> np.ndarray:
+    """Model-space values z (B, N, T) of windows ``starts`` in data units (seasonal part added back)."""
+    z = z.detach().float().cpu().numpy()
+    if p.offset is not None:
+        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]
+        z = z + p.offset[idx].transpose(0, 2, 1)
+    return p.denormalise(z)
+
+
 def _pretrain_loop(c: dict[str, Any]) -> None:
     """Ray Train per-worker loop: DDP over ranks, each rank samples its own windows."""
     import ray.train
@@ -111,7 +129,7 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
     store = ArtifactStore(c["store"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cities = [load_prepared(store, i) for i in c["prepared"]]
+    cities = [_load_city(store, i, cfg) for i in c["prepared"]]
     tmpl = _template(cfg.t_in, cfg.t_out, cfg.model)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
@@ -318,7 +336,7 @@ def train_stgp_domain(store, cfg: STGPPromptConfig, pretrain_id: str, target_id:
     device = resolve_device(cfg.device)
     model = load_pretrained(store, pretrain_id, model_overrides, cfg.seed).to(device)
     model.set_stage("domain")
-    p = load_prepared(store, target_id)
+    p = _load_city(store, target_id, pcfg)
     tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
     tgt = _Target(p, model, tmpl, device)
     tr, va = tmpl.window_starts(p, "train", "pretrain"), tmpl.window_starts(p, "val", "pretrain")
@@ -477,7 +495,7 @@ def fit_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_state: 
         model.set_prompts(domain=True)  # the trained domain banks stay on (frozen) under the task banks
     params = model.parameters_for(stage)
     frozen_before = frozen_fingerprint(model, stage)
-    p = load_prepared(store, target_id)
+    p = _load_city(store, target_id, pcfg)
     tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
     tgt = _Target(p, model, tmpl, device)
     N = p.num_nodes
@@ -562,7 +580,7 @@ def evaluate_stgp_test(store, pretrain_id: str, target_id: str, task: TaskName, 
     if domain_state and variant == "prompt":
         model.set_prompts(domain=True)
     _load_bank_state(model, task_state)
-    p = load_prepared(store, target_id)
+    p = _load_city(store, target_id, pcfg)
     tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
     tgt = _Target(p, model, tmpl, dev)
     return _test(model, tgt, task, _task_windows(tmpl, p, task, "test"))
@@ -584,9 +602,9 @@ def _evaluate(model, tgt: _Target, task: str, sets, enc_cache, offset: int) -> d
             mm = m[i:i + 32]
             recon = model.decode(enc_cache[offset + j][i:i + 32], mm, tgt.graph) if enc_cache is not None \
                 else model(xk, b.tod, b.dow, tgt.graph, mm)
-            sm = tgt.tmpl.steps_mask(s[i:i + 32])
-            preds.append(tgt.p.denormalise(recon[sm].cpu().numpy()))
-            trues.append(tgt.p.denormalise(b.x[sm].cpu().numpy()))
+            sm = tgt.tmpl.steps_mask(s[i:i + 32]).cpu().numpy()
+            preds.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], recon)[sm])
+            trues.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], b.x)[sm])
     pred, true = np.concatenate(preds), np.concatenate(trues)
     return forecast_metrics(pred[None, None], true[None, None], per_horizon=False)
 
@@ -610,8 +628,8 @@ def _test(model, tgt: _Target, task: str, starts: np.ndarray) -> dict:
             m = tmpl.extrapolation_mask(len(st), n_nodes, p.unobserved, tgt.device)
         xin = b.x.masked_fill(tmpl.steps_mask(m), float("nan"))  # masked values never reach the model
         recon = model(xin, b.tod, b.dow, tgt.graph, m)
-        preds.append(p.denormalise(recon.cpu().numpy()))
-        trues.append(p.denormalise(b.x.cpu().numpy()))
+        preds.append(_restore(p, tmpl, st, recon))
+        trues.append(_restore(p, tmpl, st, b.x))
     pred, true = np.concatenate(preds), np.concatenate(trues)  # (B, N, T)
     H = tmpl.horizon_steps
     if task == "forecast":

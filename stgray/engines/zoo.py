@@ -54,13 +54,13 @@ import torch
 from pydantic import Field
 
 from stgray.config import StageConfig, content_hash
-from stgray.data.prepare import Prepared, load_prepared
+from stgray.data.prepare import Prepared, load_prepared, seasonal_baseline
 from stgray.engines import ray_utils
 from stgray.errors import DataError, StoreError
 from stgray.gpdiff.params import ParamLayout
 from stgray.nn.gpdiff.pernode import (PerNodeArch, batched_forward, build_neighbourhoods,
                                       gather_inputs, gather_targets, init_vectors, make_layout,
-                                      node_features, seasonal_baseline)
+                                      node_features)
 
 ZOO_KIND = "zoo"
 SHARD_KIND = "zoo-shard"

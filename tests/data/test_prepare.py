@@ -120,3 +120,25 @@ def test_prepared_stores_edges_and_reads_the_older_dense_format(local_store):
         w.put_json("stats.json", local_store.read_json(aid, "stats.json", m))
     old_p = load_prepared(local_store, local_store.id_for("prepared", {"old": 1}, [cid]))
     np.testing.assert_array_equal(old_p.dense_adj(), c.adjacency())
+
+
+def test_deseasonalise_keeps_the_series_and_never_reads_unobserved_nodes():
+    from stgray.data.prepare import deseasonalise, seasonal_baseline
+
+    p = prepare(make_city(days=30), PrepareConfig(step_s=3600, target_test_days=7), "target")
+    d = deseasonalise(p)
+    assert p.offset is None and d.offset.shape == p.x.shape
+    np.testing.assert_allclose(d.x + d.offset, p.x, atol=1e-6)
+    obs, un = p.observed, p.unobserved
+    np.testing.assert_allclose(d.offset[:, obs], seasonal_baseline(p)[:, obs])
+    # test steps: each observed node's time-of-day mean over the 3 train days
+    t = p.splits["test"][0]
+    lo, hi = p.splits["train"]
+    same = np.arange(lo, hi)[p.tod[lo:hi] == p.tod[t]]
+    np.testing.assert_allclose(d.offset[t, obs], p.x[same][:, obs].mean(0), rtol=1e-5)
+    # the unobserved nodes get the observed nodes' mean profile; their own values are unread
+    np.testing.assert_allclose(d.offset[:, un], np.repeat(d.offset[:, obs].mean(1, keepdims=True), len(un), 1),
+                               rtol=1e-5)
+    p.x[:, un] += 100.0
+    np.testing.assert_array_equal(deseasonalise(p).offset, d.offset)
+    assert deseasonalise(d) is d

@@ -281,7 +281,7 @@ def test_run_configs_carry_no_credentials(s3_store, s3_server):
 
 
 def test_tod_mean_baseline_is_cross_fitted_and_added_to_the_output(small):
-    from stgray.nn.gpdiff.pernode import seasonal_baseline
+    from stgray.data.prepare import seasonal_baseline
 
     plain = PerNodeArch(arch="stgcn")
     seasonal = plain.model_copy(update={"baseline": "tod_mean"})

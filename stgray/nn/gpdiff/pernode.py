@@ -223,34 +223,6 @@ def node_features(p, features=("value", "tod")) -> np.ndarray:
     return np.ascontiguousarray(np.stack(chans, -1), dtype=np.float32)
 
 
-def seasonal_baseline(p, kind: str = "tod_mean") -> np.ndarray:
-    """(T, N) float32 normalised time-of-day mean of ``p.x`` over the train split.
-
-    Cross-fitted on the train split itself: a train step gets the mean of the *other*
-    train days at its time of day (a model fitted on train residuals must not see its
-    own target in the baseline; with 3 train days the in-sample mean would hold a third
-    of it). Other steps get the mean of all train days; a time of day never seen in
-    training gets the node's train mean.
-    """
-    if kind != "tod_mean":
-        raise ValueError(f"unknown baseline '{kind}'")
-    lo, hi = p.splits["train"]
-    spd = p.steps_per_day
-    x = np.asarray(p.x, dtype=np.float64)
-    sums = np.zeros((spd, x.shape[1]))
-    counts = np.zeros(spd)
-    np.add.at(sums, p.tod[lo:hi], x[lo:hi])
-    np.add.at(counts, p.tod[lo:hi], 1)
-    node_mean = x[lo:hi].mean(0)
-    c = counts[p.tod][:, None]  # (T, 1)
-    base = np.where(c > 0, sums[p.tod] / np.maximum(c, 1), node_mean[None])
-    tr = slice(lo, hi)
-    c_tr = c[tr]
-    loo = (sums[p.tod[tr]] - x[tr]) / np.maximum(c_tr - 1, 1)
-    base[tr] = np.where(c_tr > 1, loo, base[tr])
-    return base.astype(np.float32)
-
-
 def gather_inputs(feats: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor,
                   starts: torch.Tensor, t_in: int) -> torch.Tensor:
     """(T, N, C) features -> (M, K, B, t_in, C) windows, zero at padded slots."""
