@@ -40,10 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--store", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    from stgray.data.prepare import load_prepared
+    from stgray.data.prepare import load_prepared, seasonal_baseline
     from stgray.engines.gpdiff_transfer import target_training
     from stgray.engines.zoo import train_models
-    from stgray.data.prepare import seasonal_baseline
     from stgray.pipeline import StageLog, import_and_prepare
     from stgray.store import ArtifactStore
 
