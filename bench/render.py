@@ -74,6 +74,8 @@ COMMANDS = {
     "zoo_speed": PY + " bench/zoo_speed.py --mode {mode}",
     "zoo_recipe": PY + " -m bench.zoo_recipe",
     "target_recipe": PY + " -m bench.target_recipe",
+    "stgp_recipe": PY + " -m bench.stgp_recipe",
+    "loo_quick_stgp": PY + " -m bench.loo --mode quick --stages prepare stgp baselines report --out bench/results/loo_quick_stgp.json",
     "fewshot_recipe": PY + " -m bench.fewshot_recipe",
     "token_pipeline": PY + " bench/token_pipeline.py{args}",
     "diffusion_sampling": PY + " bench/diffusion_sampling.py{args}",
@@ -84,7 +86,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -95,7 +97,11 @@ TITLES = {
                         "baselines only: the GPDiff rows after a later change of its settings)",
     "loo_quick_gpdiff_extra": "Cross-city transfer, leave one city out (quick sizes, GPDiff and the "
                               "baselines only, targets run apart with fewer seeds)",
+    "loo_quick_stgp": "Cross-city transfer, leave one city out (quick sizes, STGP and the "
+                      "cheap baselines only: the STGP rows after a later change of its settings; "
+                      "judged with the per-node baseline rows of loo_quick_gpdiff)",
     "loo_smoke": "Cross-city transfer, leave one city out (smoke: one target, tiny sizes)",
+    "stgp_recipe": "STGP: raw or deseasonalised data, chosen on validation",
     "scaling": "Scale: zoo -> tokens -> generation vs node count",
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
@@ -292,6 +298,7 @@ def r_loo(name: str, res: dict, ctx: Ctx) -> list[str]:
                             "best baseline": b["method"], "baseline MAE": b["mae"], "improvement %": gain})
     _loo_criteria(name, agg, list(per) or sorted({r["target"] for r in agg}), ctx)
     _loo_combined(name, res, ctx)
+    _loo_with_baselines(name, res, ctx)
     if imp:
         md += ["### Improvement over the best baseline (MAE)", "",
                "Positive = the method beats the best baseline row of the same target and task. The "
@@ -365,6 +372,44 @@ def _loo_combined(name: str, res: dict, ctx: Ctx) -> None:
                   ta + tb, ctx)
     for row in ctx.targets[before:]:
         row["note"] = "; ".join(x for x in (row["note"], seeds) if x)
+
+
+def _target_data(res: dict) -> dict[str, str]:
+    """target -> its prepared artefact id (content-addressed: same id, same data and splits)."""
+    out = {}
+    for t, d in (res.get("targets") or {}).items():
+        for r in d.get("stages", []):
+            if r["stage"] == "prepare" and r["what"].endswith("(target)"):
+                out[t] = r["artifact"]
+    return out
+
+
+def _loo_with_baselines(name: str, res: dict, ctx: Ctx) -> None:
+    """``X_stgp`` (STGP stages and the cheap baselines only) judged against every baseline
+    row, adding those of ``X_gpdiff`` / ``X_gpdiff_extra`` (target-only and pooled per-node
+    models) for the targets whose prepared data is the same artefact."""
+    if not name.endswith("_stgp"):
+        return
+    mine = _target_data(res)
+    extra, notes = [], []
+    for other in (f"{name[:-len('_stgp')]}_gpdiff", f"{name[:-len('_stgp')]}_gpdiff_extra"):
+        try:
+            o = json.loads((_Where.results / f"{other}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        same = [t for t, a in _target_data(o).items() if mine.get(t) == a]
+        extra += [r for r in o.get("aggregate") or [] if r["target"] in same and r["method"] in BASELINES
+                  and not any(x["target"] == r["target"] and x["task"] == r["task"] and x["method"] == r["method"]
+                              for x in res.get("aggregate") or [])]
+        if same:
+            notes.append(f"{other}: {', '.join(same)}")
+    if not extra:
+        return
+    before = len(ctx.targets)
+    agg = (res.get("aggregate") or []) + extra
+    _loo_criteria(f"{name} + baselines", agg, list(mine), ctx)
+    for row in ctx.targets[before:]:
+        row["note"] = "; ".join(x for x in (row["note"], "baseline rows also from " + "; ".join(notes)) if x)
 
 
 def _plot_loo(name: str, agg: list[dict]) -> str:
@@ -619,6 +664,24 @@ def r_target_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
             row[v] = f"{fmt(r[v]['val_mae'])} ({r[v]['seconds']:.0f} s)"
         rows.append(row)
     return md + ["Validation MAE (data units; training seconds on the sampled nodes):", ""] + table(rows)
+
+
+def r_stgp_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
+    variants = res.get("variants") or {"as is": {}, "deseasonalised": {"deseasonalise": True}}
+    md = [f"Protocol: {res.get('protocol', '')}.", "", f"Rule: {res.get('rule', '')}.", "",
+          "Rows: " + "; ".join(f"{k} = `{json.dumps(v)}`" for k, v in variants.items()) + ".", "",
+          f"Candidate kept, per task: `{res.get('choice', res.get('choice_deseasonalise'))}`.", ""]
+    rows = []
+    for r in res.get("rows", []):
+        for v in variants:
+            d = r.get(v) or {}
+            row = {"target": r["target"], "pre-training": v, "domain val loss": d.get("domain_val_loss")}
+            for k, x in d.items():
+                if isinstance(x, dict) and "val_mae" in x:
+                    row[f"{k} val MAE"] = f"{fmt(x['val_mae'])} ({x['seconds']:.0f} s)"
+            rows.append(row)
+    return md + ["Best validation MAE of the task stage (data units; task-prompt training seconds):", ""] \
+        + table(rows)
 
 
 def r_fewshot_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
@@ -892,8 +955,8 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_quick_gpdiff": r_loo,
-    "loo_quick_gpdiff_extra": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
-    "target_recipe": r_target_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
+    "loo_quick_gpdiff_extra": r_loo, "loo_quick_stgp": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
+    "target_recipe": r_target_recipe, "stgp_recipe": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "fewshot_topk": r_fewshot_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,

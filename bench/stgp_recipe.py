@@ -1,20 +1,24 @@
-"""Choose STGP's data space on *validation* only: on each leave-one-city-out target, STGP
-pre-trained on the other cities with and without ``stgp_pretrain.deseasonalise`` (each
-node's train time-of-day mean taken out of every stage's data, added back for metrics),
-then domain prompts and, per task, task prompts (the config's two-stage recipe), scored
-by the task stage's best validation MAE (target days 4-6, data units). Test data is not
-read; nothing but the pre-trained models (store artefacts the LOO run reuses) is written.
+"""Choose STGP's pre-training settings on *validation* only: on each leave-one-city-out
+target, STGP pre-trained on the other cities with the config's ``stgp_pretrain`` and with
+a candidate change of it (default: ``deseasonalise``, each node's train time-of-day mean
+taken out of every stage's data and added back for metrics), then domain prompts and, per
+task, task prompts (the config's two-stage recipe), scored by the task stage's best
+validation MAE (target days 4-6, data units). Test data is not read; nothing but the
+pre-trained models (store artefacts the LOO run reuses) is written.
 
-Rule, fixed before the run: per task, ``deseasonalise`` is kept if its validation MAE is
+Rule, fixed before the run: per task, the candidate is kept if its validation MAE is
 lower on at least 3 of the 4 targets.
 
     .venv/bin/python -m bench.stgp_recipe [--config configs/loo-quick.yaml] [--targets ...]
         [--tasks forecast kriging] [--seed 0]   -> bench/results/stgp_recipe.json
+    .venv/bin/python -m bench.stgp_recipe --base '{"deseasonalise": true}' \
+        --candidate '{"epochs": 16}' --out bench/results/stgp_recipe_epochs.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -31,6 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="*", help="default: every city of the config")
     ap.add_argument("--tasks", nargs="*", default=["forecast", "kriging"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", type=json.loads, default={}, help="JSON: changes to the config's "
+                    "stgp_pretrain for the base row")
+    ap.add_argument("--candidate", type=json.loads, default={"deseasonalise": True},
+                    help="JSON: changes to the base for the candidate row")
     ap.add_argument("--store", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -46,7 +54,9 @@ def main(argv=None) -> int:
     store = ArtifactStore(store_url)
     started, t0 = now_iso(), time.perf_counter()
     start_ray()
-    variants = {"as is": False, "deseasonalised": True}
+    names = ("as is", "deseasonalised") if not a.base and a.candidate == {"deseasonalise": True} \
+        else ("base", "candidate")
+    variants = {names[0]: dict(a.base), names[1]: {**a.base, **a.candidate}}
     rows = []
     for t in targets:
         cfg = target_config(base, cities, t, store=store_url, seeds=[a.seed], where=a.config)
@@ -54,8 +64,9 @@ def main(argv=None) -> int:
         src = [prepared[c] for c in cfg.sources]
         pr = cfg.stgp_prompt.model_copy(update={"seed": a.seed})
         row = {"target": t, "sources": cfg.sources}
-        for name, des in variants.items():
-            pre = cfg.stgp_pretrain.model_copy(update={"seed": a.seed, "deseasonalise": des})
+        for name, change in variants.items():
+            pre = type(cfg.stgp_pretrain).model_validate(
+                {**cfg.stgp_pretrain.model_dump(mode="json"), **change, "seed": a.seed})
             t1 = time.perf_counter()
             pid, skipped = run_stgp_pretrain(store, pre, src)
             r = {"pretrain": pid, "pretrain_s": None if skipped else time.perf_counter() - t1}
@@ -68,19 +79,20 @@ def main(argv=None) -> int:
             print(f"{t} {name}: " + " | ".join(f"{k} val MAE {r[k]['val_mae']:.4g}" for k in a.tasks)
                   + f" ({time.perf_counter() - t1:.0f} s)", flush=True)
         rows.append(row)
-    choice = {k: sum(r["deseasonalised"][k]["val_mae"] < r["as is"][k]["val_mae"] for r in rows) >= 3
+    choice = {k: sum(r[names[1]][k]["val_mae"] < r[names[0]][k]["val_mae"] for r in rows) >= 3
               for k in a.tasks} if len(rows) >= 4 else None
-    out = {"machine": machine_info(), "rows": rows, "choice_deseasonalise": choice,
-           "rule": "per task: deseasonalise kept if its validation MAE is lower on >= 3 of the 4 targets",
+    out = {"machine": machine_info(), "rows": rows, "variants": variants, "choice": choice,
+           "rule": f"per task: '{names[1]}' kept if its validation MAE is lower on >= 3 of the 4 targets",
            "protocol": f"seed {a.seed}; the config's STGP sizes (pre-training "
                        f"{cfg.stgp_pretrain.epochs} x {cfg.stgp_pretrain.steps_per_epoch} steps, "
                        f"domain {cfg.stgp_prompt.domain_epochs} and task {cfg.stgp_prompt.task_epochs} "
                        "epochs); best validation MAE of the task stage (data units), test not read"}
-    config = {"config_file": a.config, "targets": targets, "tasks": a.tasks, "seed": a.seed}
+    config = {"config_file": a.config, "targets": targets, "tasks": a.tasks, "seed": a.seed,
+              "variants": variants}
     path = write_result("stgp_recipe" if not a.out else Path(a.out).stem, out, mode="full",
                         command=command_line(argv, "bench.stgp_recipe"), config=config, seeds=[a.seed],
                         started=started, wall_s=time.perf_counter() - t0, out=a.out)
-    print(f"choice (deseasonalise per task): {choice}")
+    print(f"'{names[1]}' kept, per task: {choice}")
     print(f"wrote {path}")
     return 0
 
