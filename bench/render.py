@@ -86,7 +86,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -102,6 +102,8 @@ TITLES = {
                       "judged with the per-node baseline rows of loo_quick_gpdiff)",
     "loo_smoke": "Cross-city transfer, leave one city out (smoke: one target, tiny sizes)",
     "stgp_recipe": "STGP: raw or deseasonalised data, chosen on validation",
+    "stgp_recipe_epochs": "STGP: pre-training length, chosen on validation",
+    "stgp_recipe_task_epochs": "STGP: task-prompting epochs, chosen on validation",
     "scaling": "Scale: zoo -> tokens -> generation vs node count",
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
@@ -669,7 +671,9 @@ def r_target_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
 def r_stgp_recipe(name: str, res: dict, ctx: Ctx) -> list[str]:
     variants = res.get("variants") or {"as is": {}, "deseasonalised": {"deseasonalise": True}}
     md = [f"Protocol: {res.get('protocol', '')}.", "", f"Rule: {res.get('rule', '')}.", "",
-          "Rows: " + "; ".join(f"{k} = `{json.dumps(v)}`" for k, v in variants.items()) + ".", "",
+          "Rows (pre-training changes): " + "; ".join(f"{k} = `{json.dumps(v)}`" for k, v in variants.items())
+          + "." + "".join(f" Prompt changes of {k}: `{json.dumps(v)}`." for k, v in
+                          (res.get("prompt_changes") or {}).items() if v), "",
           f"Candidate kept, per task: `{res.get('choice', res.get('choice_deseasonalise'))}`.", ""]
     rows = []
     for r in res.get("rows", []):
@@ -956,7 +960,8 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_quick_gpdiff": r_loo,
     "loo_quick_gpdiff_extra": r_loo, "loo_quick_stgp": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
-    "target_recipe": r_target_recipe, "stgp_recipe": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
+    "target_recipe": r_target_recipe, "stgp_recipe": r_stgp_recipe, "stgp_recipe_epochs": r_stgp_recipe,
+    "stgp_recipe_task_epochs": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "fewshot_topk": r_fewshot_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,

@@ -13,6 +13,10 @@ lower on at least 3 of the 4 targets.
         [--tasks forecast kriging] [--seed 0]   -> bench/results/stgp_recipe.json
     .venv/bin/python -m bench.stgp_recipe --base '{"deseasonalise": true}' \
         --candidate '{"epochs": 16}' --out bench/results/stgp_recipe_epochs.json
+    .venv/bin/python -m bench.stgp_recipe --base '{"deseasonalise": true}' --candidate '{}' \
+        --candidate-prompt '{"task_epochs": 60}' --out bench/results/stgp_recipe_task_epochs.json
+
+``--candidate-prompt``: changes to the config's ``stgp_prompt`` for the candidate row.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def main(argv=None) -> int:
                     "stgp_pretrain for the base row")
     ap.add_argument("--candidate", type=json.loads, default={"deseasonalise": True},
                     help="JSON: changes to the base for the candidate row")
+    ap.add_argument("--candidate-prompt", type=json.loads, default={},
+                    help="JSON: changes to the config's stgp_prompt for the candidate row")
     ap.add_argument("--store", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -55,16 +61,18 @@ def main(argv=None) -> int:
     started, t0 = now_iso(), time.perf_counter()
     start_ray()
     names = ("as is", "deseasonalised") if not a.base and a.candidate == {"deseasonalise": True} \
-        else ("base", "candidate")
+        and not a.candidate_prompt else ("base", "candidate")
     variants = {names[0]: dict(a.base), names[1]: {**a.base, **a.candidate}}
+    prompt_changes = {names[0]: {}, names[1]: dict(a.candidate_prompt)}
     rows = []
     for t in targets:
         cfg = target_config(base, cities, t, store=store_url, seeds=[a.seed], where=a.config)
         prepared = import_and_prepare(store, cfg, StageLog())
         src = [prepared[c] for c in cfg.sources]
-        pr = cfg.stgp_prompt.model_copy(update={"seed": a.seed})
         row = {"target": t, "sources": cfg.sources}
         for name, change in variants.items():
+            pr = type(cfg.stgp_prompt).model_validate(
+                {**cfg.stgp_prompt.model_dump(mode="json"), **prompt_changes[name], "seed": a.seed})
             pre = type(cfg.stgp_pretrain).model_validate(
                 {**cfg.stgp_pretrain.model_dump(mode="json"), **change, "seed": a.seed})
             t1 = time.perf_counter()
@@ -81,14 +89,15 @@ def main(argv=None) -> int:
         rows.append(row)
     choice = {k: sum(r[names[1]][k]["val_mae"] < r[names[0]][k]["val_mae"] for r in rows) >= 3
               for k in a.tasks} if len(rows) >= 4 else None
-    out = {"machine": machine_info(), "rows": rows, "variants": variants, "choice": choice,
+    out = {"machine": machine_info(), "rows": rows, "variants": variants, "prompt_changes": prompt_changes,
+           "choice": choice,
            "rule": f"per task: '{names[1]}' kept if its validation MAE is lower on >= 3 of the 4 targets",
            "protocol": f"seed {a.seed}; the config's STGP sizes (pre-training "
                        f"{cfg.stgp_pretrain.epochs} x {cfg.stgp_pretrain.steps_per_epoch} steps, "
                        f"domain {cfg.stgp_prompt.domain_epochs} and task {cfg.stgp_prompt.task_epochs} "
                        "epochs); best validation MAE of the task stage (data units), test not read"}
     config = {"config_file": a.config, "targets": targets, "tasks": a.tasks, "seed": a.seed,
-              "variants": variants}
+              "variants": variants, **({"prompt_changes": prompt_changes} if a.candidate_prompt else {})}
     path = write_result("stgp_recipe" if not a.out else Path(a.out).stem, out, mode="full",
                         command=command_line(argv, "bench.stgp_recipe"), config=config, seeds=[a.seed],
                         started=started, wall_s=time.perf_counter() - t0, out=a.out)
