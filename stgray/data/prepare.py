@@ -58,7 +58,8 @@ class Prepared:
         edge i -> j (a dense array given here is converted; ``dense_adj()`` for the dense one).
     splits: name -> [start, end) step range; unobserved: sorted node indices (kriging).
     offset: (T, N) float32 normalised seasonal part already taken out of ``x`` (``x +
-        offset`` is the normalised series; see ``deseasonalise``), None when none was.
+        offset`` is the normalised series; see ``deseasonalise``), None when none was;
+        shared_offset: (T,) the observed nodes' mean of it (what a node without data gets).
     """
 
     name: str
@@ -76,6 +77,7 @@ class Prepared:
     start: pd.Timestamp
     zeros_are_values: bool = True
     offset: np.ndarray | None = None
+    shared_offset: np.ndarray | None = None
 
     def __post_init__(self):
         self.adj = as_sparse_adjacency(self.adj, self.num_nodes)
@@ -251,15 +253,15 @@ def seasonal_baseline(p, kind: str = "tod_mean") -> np.ndarray:
 def deseasonalise(p: Prepared) -> Prepared:
     """A copy of ``p`` whose ``x`` is the residual after ``seasonal_baseline`` (each node's
     time-of-day mean over the train split, normalised units), kept in ``offset`` to be
-    added back. The unobserved (kriging) nodes' values are never read: they get the mean
-    of the observed nodes' baselines."""
+    added back. The unobserved (kriging) nodes' values are never read: they get
+    ``shared_offset``, the mean of the observed nodes' baselines."""
     if p.offset is not None:
         return p
     offset = seasonal_baseline(p)
     obs = p.observed
-    if len(p.unobserved) and len(obs):
-        offset[:, p.unobserved] = offset[:, obs].mean(1, keepdims=True)
-    return replace(p, x=(p.x - offset).astype(np.float32), offset=offset)
+    shared = offset[:, obs].mean(1) if len(obs) else np.zeros(len(offset), np.float32)
+    offset[:, p.unobserved] = shared[:, None]
+    return replace(p, x=(p.x - offset).astype(np.float32), offset=offset, shared_offset=shared)
 
 
 # --- store ---------------------------------------------------------------------------

@@ -109,12 +109,23 @@ def _load_city(store, prepared_id: str, cfg: STGPPretrainConfig) -> Prepared:
     return deseasonalise(p) if cfg.deseasonalise else p
 
 
-def _restore(p: Prepared, tmpl: PatchTemplate, starts, z: torch.Tensor) -> np.ndarray:
-    """Model-space values z (B, N, T) of windows ``starts`` in data units (seasonal part added back)."""
+def _offsets(p: Prepared, tmpl: PatchTemplate, starts, hidden: torch.Tensor | None) -> np.ndarray:
+    """(B, N, T) seasonal offsets of windows ``starts``; nodes ``hidden`` (B, N) in a window
+    get the shared profile, as the unobserved nodes do (their own would leak their level)."""
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]
+    off = p.offset[idx].transpose(0, 2, 1)
+    if hidden is not None:
+        off = np.where(hidden.cpu().numpy()[:, :, None], p.shared_offset[idx][:, None, :], off)
+    return off
+
+
+def _restore(p: Prepared, tmpl: PatchTemplate, starts, z: torch.Tensor,
+             hidden: torch.Tensor | None = None) -> np.ndarray:
+    """Model-space values z (B, N, T) of windows ``starts`` in data units (seasonal part
+    added back; ``hidden`` as in ``_offsets``)."""
     z = z.detach().float().cpu().numpy()
     if p.offset is not None:
-        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]
-        z = z + p.offset[idx].transpose(0, 2, 1)
+        z = z + _offsets(p, tmpl, starts, hidden)
     return p.denormalise(z)
 
 
@@ -297,8 +308,16 @@ class _Target:
         self.graph = model.graph(p.dense_adj())
         self.hidden = torch.as_tensor(node_mask(p.unobserved, 1, p.num_nodes)[0], device=device)  # (N,)
 
-    def batch(self, starts):
+    def batch(self, starts, mask: torch.Tensor | None = None):
+        """Inputs and known values of windows ``starts``. Deseasonalised data with a task
+        ``mask`` (B, N, P): a node masked in every patch is a (pseudo-)unobserved node, so
+        its values are taken relative to the shared profile (see ``_offsets``)."""
         b = self.tmpl.batch(self.p, starts, self.device)
+        if mask is not None and self.p.offset is not None:
+            full = mask.all(-1)
+            own = self.p.offset[np.asarray(starts)[:, None] + np.arange(self.tmpl.window_len)[None]]
+            delta = own.transpose(0, 2, 1) - _offsets(self.p, self.tmpl, starts, full)
+            b = b._replace(x=b.x + torch.as_tensor(delta, device=b.x.device, dtype=b.x.dtype))
         # unobserved nodes' values are unknown to every stage but the final test
         x_known = b.x.masked_fill(self.hidden[None, :, None], float("nan"))
         return b, x_known
@@ -432,6 +451,8 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
     parameters, the validation history and the test metrics."""
     inputs = [pretrain_id, target_id] + ([domain_id] if domain_id else [])
     config = {"prompt": cfg.hashed_dict(), "task": task, "variant": variant}
+    if task != "forecast" and store.manifest(pretrain_id).config.get("deseasonalise"):
+        config["hidden_profile"] = "shared"  # see _offsets (a forecast has no hidden node to score)
     aid = store.id_for(TASK_KIND, config, inputs)
     if store.exists(aid):
         return aid, True
@@ -540,8 +561,8 @@ def fit_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_state: 
         model.train()
         for j, (st, m, s) in enumerate(train_sets):
             for idx in _loader(len(st), cfg.batch_size, rng):
-                b, xk = tgt.batch(st[idx])
                 ii = torch.as_tensor(idx, device=device)
+                b, xk = tgt.batch(st[idx], m[ii])
                 with torch.autocast(device.type, enabled=use_amp):
                     if cache:
                         recon = model.decode(enc_cache[j][ii], m[ii], tgt.graph)
@@ -587,7 +608,7 @@ def evaluate_stgp_test(store, pretrain_id: str, target_id: str, task: TaskName, 
 
 
 def _encode(model, tgt: _Target, starts, mask):
-    b, xk = tgt.batch(starts)
+    b, xk = tgt.batch(starts, mask)
     return model.encode(xk, b.tod, b.dow, tgt.graph, mask)
 
 
@@ -598,13 +619,14 @@ def _evaluate(model, tgt: _Target, task: str, sets, enc_cache, offset: int) -> d
     preds, trues, scores = [], [], []
     for j, (st, m, s) in enumerate(sets):
         for i in range(0, len(st), 32):
-            b, xk = tgt.batch(st[i:i + 32])
             mm = m[i:i + 32]
+            b, xk = tgt.batch(st[i:i + 32], mm)
             recon = model.decode(enc_cache[offset + j][i:i + 32], mm, tgt.graph) if enc_cache is not None \
                 else model(xk, b.tod, b.dow, tgt.graph, mm)
             sm = tgt.tmpl.steps_mask(s[i:i + 32]).cpu().numpy()
-            preds.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], recon)[sm])
-            trues.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], b.x)[sm])
+            full = mm.all(-1)
+            preds.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], recon, full)[sm])
+            trues.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], b.x, full)[sm])
     pred, true = np.concatenate(preds), np.concatenate(trues)
     return forecast_metrics(pred[None, None], true[None, None], per_horizon=False)
 

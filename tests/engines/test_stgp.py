@@ -114,3 +114,34 @@ def test_deseasonalised_stgp_forecasts_in_data_units(ray_session, prepared_pair)
     assert preds.shape == truth.shape
     # metrics and stored forecasts are against the raw series (residual truths would differ)
     assert float(np.abs(preds - truth).mean()) == pytest.approx(meta["test"]["mae"], rel=1e-4)
+
+
+def test_hidden_nodes_are_taken_relative_to_the_shared_profile(prepared_pair):
+    """Deseasonalised target: a node masked in every patch (pseudo-unobserved in kriging)
+    is modelled relative to the observed nodes' mean profile, as the real unobserved nodes
+    are, never its own (that would carry its level into validation); restoring gives the
+    data back either way."""
+    import numpy as np
+
+    from stgray.data.prepare import deseasonalise, load_prepared
+    from stgray.engines.stgp import _restore, _Target, _template
+    from stgray.nn.stgp.model import STGPModel
+
+    st, _, pt = prepared_pair
+    raw = load_prepared(st, pt)
+    p = deseasonalise(raw)
+    tmpl = _template(12, 6, TINY)
+    tgt = _Target(p, STGPModel(TINY), tmpl, torch.device("cpu"))
+    starts = tmpl.window_starts(p, "val", "kriging")[:4]
+    pseudo = int(p.observed[0])
+    m = tmpl.kriging_mask(len(starts), p.num_nodes, [pseudo])
+    b, xk = tgt.batch(starts, m)
+    idx = starts[:, None] + np.arange(tmpl.window_len)[None]
+    x = raw.x[idx].transpose(0, 2, 1)  # (B, N, T)
+    other = int(p.observed[1])
+    np.testing.assert_allclose(b.x[:, pseudo].numpy(), x[:, pseudo] - p.shared_offset[idx], atol=1e-5)
+    np.testing.assert_allclose(b.x[:, other].numpy(), x[:, other] - p.offset[idx][:, :, other], atol=1e-5)
+    assert not np.allclose(p.offset[idx][:, :, pseudo], p.shared_offset[idx])
+    assert torch.isnan(xk[:, p.unobserved]).all()
+    np.testing.assert_allclose(_restore(p, tmpl, starts, b.x, m.all(-1)), raw.raw[idx].transpose(0, 2, 1),
+                               rtol=1e-4, atol=1e-3)
