@@ -119,6 +119,11 @@ def _offsets(p: Prepared, tmpl: PatchTemplate, starts, hidden: torch.Tensor | No
     return off
 
 
+def _raw(p: Prepared, tmpl: PatchTemplate, starts) -> np.ndarray:
+    """(B, N, T) data of windows ``starts`` as recorded (exact zeros stay zeros for MAPE)."""
+    return p.raw[np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]].transpose(0, 2, 1)
+
+
 def _restore(p: Prepared, tmpl: PatchTemplate, starts, z: torch.Tensor,
              hidden: torch.Tensor | None = None) -> np.ndarray:
     """Model-space values z (B, N, T) of windows ``starts`` in data units (seasonal part
@@ -451,8 +456,10 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
     parameters, the validation history and the test metrics."""
     inputs = [pretrain_id, target_id] + ([domain_id] if domain_id else [])
     config = {"prompt": cfg.hashed_dict(), "task": task, "variant": variant}
-    if task != "forecast" and store.manifest(pretrain_id).config.get("deseasonalise"):
-        config["hidden_profile"] = "shared"  # see _offsets (a forecast has no hidden node to score)
+    if store.manifest(pretrain_id).config.get("deseasonalise"):
+        # the handling of deseasonalised data (hidden nodes on the shared profile, raw
+        # truths); artefacts of an earlier handling are not reused
+        config["deseasonalised"] = 2
     aid = store.id_for(TASK_KIND, config, inputs)
     if store.exists(aid):
         return aid, True
@@ -626,7 +633,7 @@ def _evaluate(model, tgt: _Target, task: str, sets, enc_cache, offset: int) -> d
             sm = tgt.tmpl.steps_mask(s[i:i + 32]).cpu().numpy()
             full = mm.all(-1)
             preds.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], recon, full)[sm])
-            trues.append(_restore(tgt.p, tgt.tmpl, st[i:i + 32], b.x, full)[sm])
+            trues.append(_raw(tgt.p, tgt.tmpl, st[i:i + 32])[sm])
     pred, true = np.concatenate(preds), np.concatenate(trues)
     return forecast_metrics(pred[None, None], true[None, None], per_horizon=False)
 
@@ -651,7 +658,7 @@ def _test(model, tgt: _Target, task: str, starts: np.ndarray) -> dict:
         xin = b.x.masked_fill(tmpl.steps_mask(m), float("nan"))  # masked values never reach the model
         recon = model(xin, b.tod, b.dow, tgt.graph, m)
         preds.append(_restore(p, tmpl, st, recon))
-        trues.append(_restore(p, tmpl, st, b.x))
+        trues.append(_raw(p, tmpl, st))
     pred, true = np.concatenate(preds), np.concatenate(trues)  # (B, N, T)
     H = tmpl.horizon_steps
     if task == "forecast":

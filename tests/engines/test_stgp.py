@@ -114,6 +114,9 @@ def test_deseasonalised_stgp_forecasts_in_data_units(ray_session, prepared_pair)
     assert preds.shape == truth.shape
     # metrics and stored forecasts are against the raw series (residual truths would differ)
     assert float(np.abs(preds - truth).mean()) == pytest.approx(meta["test"]["mae"], rel=1e-4)
+    # MAPE over the non-zero truths only: restored zeros are not tiny non-zero truths
+    nz = truth != 0
+    assert meta["test"]["mape"] == pytest.approx(100 * float(np.mean(np.abs(preds - truth)[nz] / truth[nz])), rel=1e-3)
 
 
 def test_hidden_nodes_are_taken_relative_to_the_shared_profile(prepared_pair):
