@@ -37,6 +37,7 @@ class PipelineConfig(StageConfig):
 
     _unhashed: ClassVar[frozenset[str]] = frozenset({"store", "data_dir", "stages", "ray_address",
                                                      "diffusion_workers"})
+    _hashed_unless: ClassVar[dict[str, Any]] = {"stgp_deseasonalise_tasks": None}
 
     name: str = "quickstart"
     store: str | None = Field(None, description="store URL; default $STGRAY_STORE or ./stgray-store")
@@ -58,11 +59,23 @@ class PipelineConfig(StageConfig):
     stgp_variants: list[str] = Field(default_factory=lambda: ["two_stage", "one_stage", "finetune"],
                                      description="two_stage (domain+task prompts), one_stage (task "
                                                  "prompts only), finetune (all weights, no prompts)")
+    stgp_deseasonalise_tasks: list[str] | None = Field(
+        None, description="tasks whose STGP stages (from pre-training on) use deseasonalised data; "
+                          "the others use a pre-training on the data as is. None: "
+                          "stgp_pretrain.deseasonalise for every task")
 
-    @field_validator("stages", "tasks", "stgp_variants")
+    def stgp_pretrain_for(self, task: str, seed: int) -> STGPPretrainConfig:
+        """The STGP pre-training that ``task``'s stages build on, for ``seed``."""
+        des = self.stgp_pretrain.deseasonalise if self.stgp_deseasonalise_tasks is None \
+            else task in self.stgp_deseasonalise_tasks
+        return self.stgp_pretrain.model_copy(update={"seed": seed, "deseasonalise": des})
+
+    @field_validator("stages", "tasks", "stgp_variants", "stgp_deseasonalise_tasks")
     @classmethod
-    def _known(cls, v: list[str], info) -> list[str]:
-        known = {"stages": ALL_STAGES, "tasks": list(STGP_TASKS),
+    def _known(cls, v: list[str] | None, info) -> list[str] | None:
+        if v is None:
+            return v
+        known = {"stages": ALL_STAGES, "tasks": list(STGP_TASKS), "stgp_deseasonalise_tasks": list(STGP_TASKS),
                  "stgp_variants": ["two_stage", "one_stage", "finetune"]}[info.field_name]
         bad = [s for s in v if s not in known]
         if bad:
@@ -174,20 +187,26 @@ def _run_gpdiff(store, cfg: PipelineConfig, log: StageLog, src: dict[str, str], 
 def _run_stgp(store, cfg: PipelineConfig, log: StageLog, src_ids: list[str], tgt_id: str) -> list[str]:
     from stgray.engines.stgp import run_stgp_domain, run_stgp_pretrain, run_stgp_task
 
+    groups: dict[bool, list[str]] = {}  # deseasonalised? -> tasks, one pre-training each
+    for task in cfg.tasks:
+        groups.setdefault(cfg.stgp_pretrain_for(task, 0).deseasonalise, []).append(task)
     ids = []
     for seed in cfg.seeds:
-        pre_cfg = cfg.stgp_pretrain.model_copy(update={"seed": seed})
         pr_cfg = cfg.stgp_prompt.model_copy(update={"seed": seed})
-        pid = log.run("stgp", f"pre-train seed {seed}", lambda: run_stgp_pretrain(store, pre_cfg, src_ids))
-        did = None
-        if "two_stage" in cfg.stgp_variants:
-            did = log.run("stgp", f"domain prompts seed {seed}", lambda: run_stgp_domain(store, pr_cfg, pid, tgt_id))
-        for task in cfg.tasks:
-            for variant in cfg.stgp_variants:
-                dom = did if variant == "two_stage" else None
-                kind = "finetune" if variant == "finetune" else "prompt"
-                ids.append(log.run("stgp", f"{task} {variant} seed {seed}",
-                                   lambda t=task, d=dom, k=kind: run_stgp_task(store, pr_cfg, pid, d, tgt_id, t, k)))
+        for flag, tasks in groups.items():
+            pre_cfg = cfg.stgp_pretrain_for(tasks[0], seed)
+            tag = f"seed {seed}" + (" (deseasonalised)" if flag else "")
+            pid = log.run("stgp", f"pre-train {tag}", lambda c=pre_cfg: run_stgp_pretrain(store, c, src_ids))
+            did = None
+            if "two_stage" in cfg.stgp_variants:
+                did = log.run("stgp", f"domain prompts {tag}",
+                              lambda p=pid: run_stgp_domain(store, pr_cfg, p, tgt_id))
+            for task in tasks:
+                for variant in cfg.stgp_variants:
+                    dom = did if variant == "two_stage" else None
+                    kind = "finetune" if variant == "finetune" else "prompt"
+                    ids.append(log.run("stgp", f"{task} {variant} {tag}",
+                                       lambda t=task, d=dom, k=kind, p=pid: run_stgp_task(store, pr_cfg, p, d, tgt_id, t, k)))
     return ids
 
 

@@ -172,6 +172,8 @@ def base_hash_dict(cfg: SweepConfig, base: "PipelineConfig") -> dict[str, Any]:
     keys = ["sources", "target", "prepare"]
     keys += ["stgp_pretrain", "stgp_prompt"] if cfg.method == "stgp" else ["zoo", "tokens", "diffusion"]
     out = {k: h[k] for k in keys}
+    if cfg.method == "stgp" and "stgp_deseasonalise_tasks" in h:
+        out["stgp_deseasonalise_tasks"] = h["stgp_deseasonalise_tasks"]
     out["seed"] = base.seeds[0]
     return out
 

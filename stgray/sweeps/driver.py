@@ -116,7 +116,7 @@ def prepare_base(cfg: SweepConfig, base, store, say: Callable[[str], None] = pri
     if cfg.method == "stgp":
         from stgray.engines.stgp import run_stgp_pretrain
 
-        pre = base.stgp_pretrain.model_copy(update={"seed": base.seeds[0]})
+        pre = base.stgp_pretrain_for(cfg.stgp.task, base.seeds[0])
         out["pretrain_id"] = log.run("stgp", f"pre-train seed {base.seeds[0]}",
                                      lambda: run_stgp_pretrain(store, pre, src_ids))
     else:
