@@ -299,7 +299,8 @@ def r_loo(name: str, res: dict, ctx: Ctx) -> list[str]:
                 gain = 100.0 * (b["mae"] - r["mae"]) / b["mae"]
                 imp.append({"target": t, "task": task, "method": r["method"], "MAE": r["mae"],
                             "best baseline": b["method"], "baseline MAE": b["mae"], "improvement %": gain})
-    _loo_criteria(name, agg, list(per) or sorted({r["target"] for r in agg}), ctx)
+    if not name.endswith("_stgp"):  # an STGP-only run lacks the per-node baselines: judged below
+        _loo_criteria(name, agg, list(per) or sorted({r["target"] for r in agg}), ctx)
     _loo_combined(name, res, ctx)
     _loo_with_baselines(name, res, ctx)
     if imp:
@@ -412,7 +413,8 @@ def _loo_with_baselines(name: str, res: dict, ctx: Ctx) -> None:
     agg = (res.get("aggregate") or []) + extra
     _loo_criteria(f"{name} + baselines", agg, list(mine), ctx)
     for row in ctx.targets[before:]:
-        row["note"] = "; ".join(x for x in (row["note"], "baseline rows also from " + "; ".join(notes)) if x)
+        row["note"] = "; ".join(x for x in (row["note"], f"STGP seeds: {len(res.get('seeds') or [])}",
+                                            "baseline rows also from " + "; ".join(notes)) if x)
 
 
 def _plot_loo(name: str, agg: list[dict]) -> str:

@@ -7,9 +7,11 @@ Stages (each idempotent, store artifacts in -> store artifact out):
     stgp-task      <- stgp-pretrain [+ stgp-domain] + prepared target, per task
                       (task banks only; "finetune" variant: all weights but prompts)
 
-Target-side rules: the target's unobserved nodes (kriging split) are never shown to any
-stage; kriging/extrapolation train and validate on *pseudo*-unobserved observed nodes and
-meet the real unobserved nodes only in the one test evaluation.
+Target-side rules: the target's unobserved nodes (kriging split) are never shown to the
+domain stage or to kriging/extrapolation, which train and validate on *pseudo*-unobserved
+observed nodes and meet the real unobserved nodes only in the one test evaluation.
+Forecasting scores every node, so its task stage trains on every node's train days, as
+the forecasting baselines do.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import io
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
@@ -104,8 +106,13 @@ def _template(t_in: int, t_out: int, m: STGPModelConfig) -> PatchTemplate:
     return PatchTemplate.for_forecast(t_in, t_out, m.patch_len)
 
 
-def _load_city(store, prepared_id: str, cfg: STGPPretrainConfig) -> Prepared:
+def _load_city(store, prepared_id: str, cfg: STGPPretrainConfig, task: str | None = None) -> Prepared:
+    """A prepared city in the pre-training's data space. For ``task='forecast'`` every node
+    counts as observed: the kriging split's unobserved nodes are forecast from their own
+    history at test, and every forecasting baseline trains on their train days too."""
     p = load_prepared(store, prepared_id)
+    if task == "forecast":
+        p = replace(p, unobserved=np.zeros(0, dtype=np.int64))
     return deseasonalise(p) if cfg.deseasonalise else p
 
 
@@ -460,6 +467,8 @@ def run_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_id: str
         # the handling of deseasonalised data (hidden nodes on the shared profile, raw
         # truths); artefacts of an earlier handling are not reused
         config["deseasonalised"] = 2
+    if task == "forecast":
+        config["forecast_nodes"] = "all"  # see _load_city
     aid = store.id_for(TASK_KIND, config, inputs)
     if store.exists(aid):
         return aid, True
@@ -523,7 +532,7 @@ def fit_stgp_task(store, cfg: STGPPromptConfig, pretrain_id: str, domain_state: 
         model.set_prompts(domain=True)  # the trained domain banks stay on (frozen) under the task banks
     params = model.parameters_for(stage)
     frozen_before = frozen_fingerprint(model, stage)
-    p = _load_city(store, target_id, pcfg)
+    p = _load_city(store, target_id, pcfg, task)
     tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
     tgt = _Target(p, model, tmpl, device)
     N = p.num_nodes
@@ -608,7 +617,7 @@ def evaluate_stgp_test(store, pretrain_id: str, target_id: str, task: TaskName, 
     if domain_state and variant == "prompt":
         model.set_prompts(domain=True)
     _load_bank_state(model, task_state)
-    p = _load_city(store, target_id, pcfg)
+    p = _load_city(store, target_id, pcfg, task)
     tmpl = _template(pcfg.t_in, pcfg.t_out, model.cfg)
     tgt = _Target(p, model, tmpl, dev)
     return _test(model, tgt, task, _task_windows(tmpl, p, task, "test"))

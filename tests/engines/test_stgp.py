@@ -148,3 +148,17 @@ def test_hidden_nodes_are_taken_relative_to_the_shared_profile(prepared_pair):
     assert torch.isnan(xk[:, p.unobserved]).all()
     np.testing.assert_allclose(_restore(p, tmpl, starts, b.x, m.all(-1)), raw.raw[idx].transpose(0, 2, 1),
                                rtol=1e-4, atol=1e-3)
+
+
+def test_forecasting_trains_on_every_node(prepared_pair):
+    """The kriging split's unobserved nodes are hidden from kriging, not from forecasting:
+    forecasting scores them at test and its baselines train on their train days."""
+    from stgray.engines.stgp import _load_city
+
+    st, _, pt = prepared_pair
+    cfg = STGPPretrainConfig(model=TINY, deseasonalise=True)
+    kr, fc = _load_city(st, pt, cfg, "kriging"), _load_city(st, pt, cfg, "forecast")
+    assert len(kr.unobserved) == round(0.3 * 69) and len(fc.unobserved) == 0
+    un = kr.unobserved
+    assert (kr.offset[:, un] == kr.shared_offset[:, None]).all()
+    assert not (fc.offset[:, un] == fc.shared_offset[:, None]).all()
