@@ -412,8 +412,12 @@ def _loo_with_baselines(name: str, res: dict, ctx: Ctx) -> None:
     before = len(ctx.targets)
     agg = (res.get("aggregate") or []) + extra
     _loo_criteria(f"{name} + baselines", agg, list(mine), ctx)
+    n_seeds = len(res.get("seeds") or [])
     for row in ctx.targets[before:]:
-        row["note"] = "; ".join(x for x in (row["note"], f"STGP seeds: {len(res.get('seeds') or [])}",
+        if n_seeds < 3:  # the issue asks for 3 seeds: shown, not judged
+            row["status"] = met(None)
+        row["note"] = "; ".join(x for x in (row["note"], f"STGP seeds: {n_seeds}" + (" (3 asked: not judged)"
+                                                                                  if n_seeds < 3 else ""),
                                             "baseline rows also from " + "; ".join(notes)) if x)
 
 
