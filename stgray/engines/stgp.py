@@ -116,10 +116,15 @@ def _load_city(store, prepared_id: str, cfg: STGPPretrainConfig, task: str | Non
     return deseasonalise(p) if cfg.deseasonalise else p
 
 
+def _window_idx(tmpl: PatchTemplate, starts) -> np.ndarray:
+    """(B, T) step indices of windows ``starts``."""
+    return np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]
+
+
 def _offsets(p: Prepared, tmpl: PatchTemplate, starts, hidden: torch.Tensor | None) -> np.ndarray:
     """(B, N, T) seasonal offsets of windows ``starts``; nodes ``hidden`` (B, N) in a window
     get the shared profile, as the unobserved nodes do (their own would leak their level)."""
-    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]
+    idx = _window_idx(tmpl, starts)
     off = p.offset[idx].transpose(0, 2, 1)
     if hidden is not None:
         off = np.where(hidden.cpu().numpy()[:, :, None], p.shared_offset[idx][:, None, :], off)
@@ -128,7 +133,7 @@ def _offsets(p: Prepared, tmpl: PatchTemplate, starts, hidden: torch.Tensor | No
 
 def _raw(p: Prepared, tmpl: PatchTemplate, starts) -> np.ndarray:
     """(B, N, T) data of windows ``starts`` as recorded (exact zeros stay zeros for MAPE)."""
-    return p.raw[np.asarray(starts, dtype=np.int64)[:, None] + np.arange(tmpl.window_len)[None, :]].transpose(0, 2, 1)
+    return p.raw[_window_idx(tmpl, starts)].transpose(0, 2, 1)
 
 
 def _restore(p: Prepared, tmpl: PatchTemplate, starts, z: torch.Tensor,
@@ -326,9 +331,7 @@ class _Target:
         its values are taken relative to the shared profile (see ``_offsets``)."""
         b = self.tmpl.batch(self.p, starts, self.device)
         if mask is not None and self.p.offset is not None:
-            full = mask.all(-1)
-            own = self.p.offset[np.asarray(starts)[:, None] + np.arange(self.tmpl.window_len)[None]]
-            delta = own.transpose(0, 2, 1) - _offsets(self.p, self.tmpl, starts, full)
+            delta = _offsets(self.p, self.tmpl, starts, None) - _offsets(self.p, self.tmpl, starts, mask.all(-1))
             b = b._replace(x=b.x + torch.as_tensor(delta, device=b.x.device, dtype=b.x.dtype))
         # unobserved nodes' values are unknown to every stage but the final test
         x_known = b.x.masked_fill(self.hidden[None, :, None], float("nan"))
