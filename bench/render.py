@@ -87,7 +87,7 @@ COMMANDS = {
     "sweeps": PY + " -m bench.sweeps",
 }
 ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "stgp_recipe_kriging", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
-         "stgp_speed", "sweeps", "quickstart"]
+         "stgp_speed", "stgp_scaling", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
     "loo_quick": "Cross-city transfer, leave one city out (quick sizes)",
@@ -115,6 +115,7 @@ TITLES = {
     "token_pipeline": "Token pipeline: S3 -> Ray Data -> torch vs plain pyarrow",
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
+    "stgp_scaling": "STGP pre-training on Ray Train: workers x threads on one machine",
     "sweeps": "Sweeps: prompt-bank size and diffusion steps",
     "quickstart": "Main job: the README quick start",
 }
@@ -820,6 +821,35 @@ def r_stgp(name: str, res: dict, ctx: Ctx) -> list[str]:
     return md
 
 
+def r_stgp_scaling(name: str, res: dict, ctx: Ctx) -> list[str]:
+    ref, tg = res.get("reference", {}), res.get("targets", {})
+    cols = ["name", "workers", "cpus_per_worker", "bf16", "per_worker_batch", "global_batch", "windows_per_s",
+            "s_per_step", "speedup_vs_reference", "workers_peak_rss_gb_sum", "workers_peak_rss_vs_reference",
+            "tree_peak_pss_gb", "wall_s"]
+    rows = res.get("rows", [])
+    md = table(rows, cols)
+    if ref:
+        md += [f"Reference (issue #4, one process on this kind of machine): {ref.get('pretrain_windows_per_s')} "
+               f"windows/s, {ref.get('pretrain_peak_gb')} GB peak. Workers' memory: each worker's own peak "
+               "RSS, summed; tree PSS: the whole Ray process tree (GCS, raylet, dashboard, train controller "
+               "included).", ""]
+    for r in rows:
+        label = f"{r['workers']} worker(s) x {r['cpus_per_worker']} CPU{', bf16' if r['bf16'] else ''}"
+        ctx.ratio(name, f"STGP pre-training on Ray Train ({label}) windows/s vs reference", r["speedup_vs_reference"])
+        if "pretrain_speedup" in tg:
+            ctx.target(name, f"STGP pre-training windows/s vs the reference, system on Ray Train ({label})",
+                       f"≥ {fmt(tg['pretrain_speedup'])}x",
+                       f"{r['speedup_vs_reference']:.2f}x ({fmt(r['windows_per_s'])}/s)",
+                       r["speedup_vs_reference"] >= tg["pretrain_speedup"],
+                       "bf16 compute: not the default" if r["bf16"] else "")
+        if "pretrain_peak_gb_ratio" in tg:
+            ctx.target(name, f"STGP pre-training peak memory vs the reference, workers summed ({label})",
+                       f"≤ {fmt(tg['pretrain_peak_gb_ratio'])}x",
+                       f"{r['workers_peak_rss_vs_reference']:.3f}x ({fmt(r['workers_peak_rss_gb_sum'])} GB)",
+                       r["workers_peak_rss_vs_reference"] <= tg["pretrain_peak_gb_ratio"])
+    return md
+
+
 def r_quickstart(name: str, res: dict, ctx: Ctx) -> list[str]:
     s = res.get("summary", {})
     md = [f"`stgray run {res.get('config', 'configs/quickstart.yaml')}` into a fresh store, then the same "
@@ -973,7 +1003,7 @@ RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "stgp_recipe_task_epochs": r_stgp_recipe, "stgp_recipe_kriging": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "fewshot_topk": r_fewshot_recipe,
     "token_pipeline": r_tokens,
-    "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "quickstart": r_quickstart, "sweeps": r_sweeps,
+    "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "stgp_scaling": r_stgp_scaling, "quickstart": r_quickstart, "sweeps": r_sweeps,
 }
 
 

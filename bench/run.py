@@ -17,10 +17,11 @@ each, then render the page of figures from the JSON they wrote.
 
 Plans (estimates: minutes on the idle 2-core development machine; under load expect up to
 twice as long):
-  quick  stgp_speed (4 phases x 2 steps), zoo_speed --mode smoke, token_pipeline (500 rows,
-         1 repeat), diffusion_sampling (4 nodes, 30 denoiser steps), scaling --mode smoke
-         (60 and 120 nodes), bench.loo --mode smoke (one target, configs/loo-smoke.yaml)
-  full   stgp_speed, zoo_speed --mode quick, token_pipeline, diffusion_sampling,
+  quick  stgp_speed (4 phases x 2 steps), stgp_scaling (2 workers, 2 epochs x 2 steps),
+         zoo_speed --mode smoke, token_pipeline (500 rows, 1 repeat), diffusion_sampling
+         (4 nodes, 30 denoiser steps), scaling --mode smoke (60 and 120 nodes),
+         bench.loo --mode smoke (one target, configs/loo-smoke.yaml)
+  full   stgp_speed, stgp_scaling, zoo_speed --mode quick, token_pipeline, diffusion_sampling,
          scaling --mode full, bench.sweeps --quick, bench.quickstart
   all    full with zoo_speed --mode full, + bench.zoo_recipe (re-chooses the zoo recipe
          that zoo_speed times) + bench.target_recipe (how per-node models train on a target,
@@ -56,6 +57,8 @@ PLANS: dict[str, dict[str, tuple[list[str], float]]] = {
     "quick": {
         "stgp_speed": (["-m", "bench.stgp_speed", "--quick", "--steps", "2",
                         "--phases", "pretrain,domain,task,finetune", *_q("stgp_speed")], 1.0),
+        "stgp_scaling": (["-m", "bench.stgp_scaling", "--layouts", "2x1", "--steps", "2", "--epochs", "2",
+                          *_q("stgp_scaling")], 1.5),
         "zoo_speed": (["bench/zoo_speed.py", "--mode", "smoke", *_q("zoo_speed")], 2.0),
         "token_pipeline": (["bench/token_pipeline.py", "--rows", "500", "--repeats", "1", "--batch", "256",
                             *_q("token_pipeline")], 0.5),
@@ -66,6 +69,7 @@ PLANS: dict[str, dict[str, tuple[list[str], float]]] = {
     },
     "full": {
         "stgp_speed": (["-m", "bench.stgp_speed"], 3.5),
+        "stgp_scaling": (["-m", "bench.stgp_scaling"], 8),
         "zoo_speed": (["bench/zoo_speed.py", "--mode", "quick"], 20),
         "token_pipeline": (["bench/token_pipeline.py"], 2.5),
         "diffusion_sampling": (["bench/diffusion_sampling.py"], 8),

@@ -48,10 +48,12 @@ def _setup(batch: int, threads: int = 2, bf16: bool = False):
 
     from stgray.data.importers import load_city
     from stgray.data.prepare import PrepareConfig, prepare
+    from stgray.engines.common import keep_freed_memory
     from stgray.nn.stgp.model import STGPModel, STGPModelConfig
     from stgray.nn.stgp.template import PatchTemplate
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the pre-training workers do
     torch.manual_seed(0)
     city = load_city("los_loop")
     p = prepare(city, PrepareConfig(step_s=300, target_train_days=3, target_val_days=1, target_test_days=None),
@@ -114,7 +116,7 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
            "median_cpu_s_per_step": sorted(cpu)[len(cpu) // 2],
            "s_per_step": [round(t, 3) for t in times], "cpu_s_per_step": [round(t, 3) for t in cpu],
            "trainable_params": sum(x.numel() for x in params), "total_params": count_parameters(model),
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB
            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if kind == "task":

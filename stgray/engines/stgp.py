@@ -31,7 +31,7 @@ from pydantic import Field
 from stgray.config import StageConfig
 from stgray.data.prepare import Prepared, deseasonalise, load_prepared
 from stgray.engines import ray_utils
-from stgray.engines.common import (amp_enabled, resolve_device, run_config, scaling,
+from stgray.engines.common import (amp_enabled, keep_freed_memory, resolve_device, run_config, scaling,
                                    tensors_from_bytes, tensors_to_bytes)
 from stgray.eval.metrics import forecast_metrics
 from stgray.nn.stgp.model import STGPModel, STGPModelConfig, count_parameters, masked_mae
@@ -57,7 +57,8 @@ class STGPPretrainConfig(StageConfig):
 
     # num_workers is hashed: data-parallel workers change the global batch. Where the
     # workers run (placement, one node or many) and on what device is not.
-    _unhashed: ClassVar[frozenset[str]] = frozenset({"use_gpu", "max_failures", "placement_strategy"})
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"use_gpu", "max_failures", "placement_strategy",
+                                                     "cpus_per_worker"})
     _hashed_unless: ClassVar[dict[str, Any]] = {"deseasonalise": False}
 
     model: STGPModelConfig = Field(default_factory=hourly_model)
@@ -76,6 +77,7 @@ class STGPPretrainConfig(StageConfig):
     val_windows: int = Field(32, gt=0, description="fixed validation windows per source city")
     seed: int = 0
     num_workers: int = Field(2, gt=0)
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs reserved per worker = its torch threads")
     use_gpu: str | bool = "auto"
     max_failures: int = Field(2, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -160,6 +162,8 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
     cities = [_load_city(store, i, cfg) for i in c["prepared"]]
     tmpl = _template(cfg.t_in, cfg.t_out, cfg.model)
     device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     core = STGPModel(cfg.model).to(device)
     core.set_stage("pretrain")
@@ -175,12 +179,7 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         start_epoch, best_val, best_state, history = st["epoch"] + 1, st["best_val"], st["best_state"], st["history"]
     model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else core
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1:
-        import torch.distributed as dist
-
-        nodes = [None] * world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    nodes = _gathered(ray.get_runtime_context().get_node_id(), world)
     train_starts = [tmpl.window_starts(p, "train", "pretrain") for p in cities]
     val_sets = []
     g = torch.Generator().manual_seed(12345)
@@ -216,7 +215,8 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
             best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         rec = {"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_loss": val,
                "resumed": bool(ckpt), "worker_nodes": nodes,
-               "windows_per_s": n_win * world / train_s, "train_seconds": train_s}
+               "windows_per_s": n_win * world / train_s, "train_seconds": train_s,
+               "worker_peak_rss_gb": _gathered(_peak_rss_gb(), world)}
         history.append(rec)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -226,6 +226,24 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
                 ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(rec)
+
+
+def _gathered(value, world: int) -> list:
+    """``value`` of every rank, in rank order (all ranks must call)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory so far (GB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 @torch.no_grad()
@@ -256,7 +274,7 @@ def run_stgp_pretrain(store, cfg: STGPPretrainConfig, prepared_ids: list[str],
         _pretrain_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "store": store.url, "prepared": prepared_ids,
                            "fault": fault},
-        scaling_config=scaling(cfg.num_workers, cfg.use_gpu, cfg.placement_strategy),
+        scaling_config=scaling(cfg.num_workers, cfg.use_gpu, cfg.placement_strategy, cfg.cpus_per_worker),
         run_config=run_config(store, f"stgp-pretrain-{aid.split('/')[1]}", cfg.max_failures),
     )
     result = trainer.fit()

@@ -43,6 +43,9 @@ def test_pretrain_prompt_all_tasks(ray_session, prepared_pair, s3_store):
     assert not skipped
     hist = s3_store.read_json(pid, "history.json")
     assert [h["epoch"] for h in hist] == [0, 1] and all(math.isfinite(h["val_loss"]) for h in hist)
+    # every worker's own peak memory, gathered per epoch (bench.stgp_scaling sums them)
+    assert all(len(h["worker_peak_rss_gb"]) == 2 and all(0.1 < g < 20 for g in h["worker_peak_rss_gb"])
+               for h in hist)
     assert run_stgp_pretrain(s3_store, cfg, [ps]) == (pid, True)
 
     pcfg = STGPPromptConfig(domain_epochs=2, task_epochs=2, finetune_epochs=1, pseudo_draws=1)

@@ -237,7 +237,7 @@ class STGPDecoder(nn.Module):
 
     def prompt(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Task prompts: the observed-cell bank at visible cells, the masked-cell bank at masked."""
-        if not (self.task_observed.active or self.task_masked.active):
+        if not self.prompted:
             return tokens
         m = mask[..., None]
         return tokens + torch.where(m, self.task_masked.prompt(tokens), self.task_observed.prompt(tokens))
@@ -267,9 +267,31 @@ class STGPDecoder(nn.Module):
         if tokens.shape[:3] != mask.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} disagree")
         # Node-major (N, B, P, C) inside: graph convs then need no transposes.
-        dt = torch.bfloat16 if self.bf16 else torch.float32
         x = self.prompted_input(tokens, mask)  # (B, N, P, C): C < d, so transpose after
-        x = x.transpose(0, 1).contiguous().to(dt)
+        return self._body(x.transpose(0, 1).contiguous(), graph)
+
+    @property
+    def prompted(self) -> bool:
+        return self.task_observed.active or self.task_masked.active
+
+    def forward_parts(self, base: Tensor, cells: Tensor, fused: Tensor, mask: Tensor, graph: STGraph) -> Tensor:
+        """``forward`` on the encoder's ``parts`` (task banks off): the input layer maps the
+        (B, P, d) masked-cell tokens and the (V, d) visible ones, never the (B, N, P, d) whole."""
+        if self.prompted:
+            raise ValueError("forward_parts runs without task prompts (they read every token)")
+        B, N, P = mask.shape
+        w, b = self.input.weight, self.input.bias
+        x = F.linear(base, w, b)[None].expand(N, B, P, -1).contiguous()  # (N, B, P, C), a fresh copy
+        if cells.numel():
+            bi, rest = cells // (N * P), cells % (N * P)  # canonical (b, n, p) -> node-major (n, b, p)
+            ni, pi = rest // P, rest % P
+            x.view(-1, x.shape[-1]).index_put_(((ni * B + bi) * P + pi,), F.linear(fused, w, b))
+        return self._body(x, graph)
+
+    def _body(self, x: Tensor, graph: STGraph) -> Tensor:
+        """Node-major input (N, B, P, C) -> (B, N, P, L)."""
+        dt = torch.bfloat16 if self.bf16 else torch.float32
+        x = x.to(dt)
         skip = sum(layer.skip.bias for layer in self.layers).to(dt)
         for layer in self.layers:
             x, skip = layer(x, graph, skip)

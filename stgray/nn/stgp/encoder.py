@@ -400,6 +400,19 @@ class STGPEncoder(nn.Module):
         return self.tod_embed(t) + self.dow_embed(w)
 
     def forward(self, x: Tensor, tod: Tensor, dow: Tensor, graph: STGraph, mask: Tensor) -> Tensor:
+        base, cells, fused = self.parts(x, tod, dow, graph, mask)
+        B, N, P = mask.shape
+        d = base.shape[-1]
+        out = base[:, None].expand(B, N, P, d).contiguous().view(B * N * P, d)  # a fresh copy
+        if cells.numel():
+            out.index_put_((cells,), fused.to(out.dtype))
+        return out.view(B, N, P, d)
+
+    def parts(self, x: Tensor, tod: Tensor, dow: Tensor, graph: STGraph, mask: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """The tokens without materialising them: ``base`` (B, P, d), the token of every
+        masked cell of (sample, patch) (mask token + position + time), ``cells`` (V,) the
+        visible cells' flat (b, n, p) indices, ascending, and ``fused`` (V, d) their tokens."""
         B, N, T = x.shape
         L, d = self.cfg.patch_len, self.cfg.d_model
         P = T // L
@@ -418,7 +431,7 @@ class STGPEncoder(nn.Module):
         vis_flat = (~mask).reshape(-1)
         cells = vis_flat.nonzero().squeeze(1)  # canonical order (b, n, p)
         if cells.numel() == 0:
-            return base[:, None].expand(B, N, P, d).contiguous()
+            return base, cells, base.new_zeros(0, d)
         b, n, p = cells // (N * P), (cells // P) % N, cells % P
 
         # Patch embedding of visible cells only (Conv1d over the L steps of a patch).
@@ -455,9 +468,7 @@ class STGPEncoder(nn.Module):
             g = torch.addmm(torch.addmm(self.gate.bias, t_out, w[:, :d_].t()), s_out, w[:, d_:].t())
             g = torch.sigmoid(g)
             fused = torch.addcmul(s_out, g, t_out - s_out)  # g * T + (1 - g) * S
-        out = base[:, None].expand(B, N, P, d).contiguous().view(B * N * P, d)  # a fresh copy
-        out.index_put_((cells,), fused.to(out.dtype))
-        return out.view(B, N, P, d)
+        return base, cells, fused
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -177,20 +177,21 @@ class BiasedAttention(torch.autograd.Function):
     """``softmax(q k^T * scale + bias) v`` for q, k, v (S, H, L, dh), with a bias gradient.
 
     ``bias``: float, broadcastable to (S, H, L, L), or (G, 1, H, L, L): one bias per group
-    of S / G consecutive sets. The forward pass uses the fused SDPA kernel in fp32 (the
-    mask expanded per set; no bias gradient there), plain products otherwise; the backward
-    pass recomputes the probabilities."""
+    of S / G consecutive sets. The forward pass uses the fused SDPA kernel in fp32 (once
+    per group with a 5-D bias, which then broadcasts over the group's sets; no bias gradient
+    there), plain products otherwise; the backward pass recomputes the probabilities."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         s, h, n, dh = q.shape
         with _NoAutocast(q):
-            if q.dtype == torch.float32:
-                m = bias
-                if m.dim() == 5:
-                    g = m.shape[0]
-                    m = m.expand(g, s // g, *m.shape[2:]).reshape(s, *m.shape[2:])
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=m.to(q.dtype))
+            if q.dtype == torch.float32 and bias.dim() == 5:  # per group: the mask broadcasts
+                g, m = bias.shape[0], bias.to(q.dtype)
+                qs, ks, vs = (t.view(g, s // g, h, -1, dh) for t in (q, k, v))
+                out = torch.cat([F.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=m[i])
+                                 for i in range(g)])
+            elif q.dtype == torch.float32:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
             else:
                 p = BiasedAttention._probs(q, k, bias)
                 out = torch.matmul(p, BiasedAttention._grouped(v, bias)).view(s, h, n, dh)

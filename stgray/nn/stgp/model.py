@@ -116,7 +116,10 @@ class STGPModel(nn.Module):
 
     def forward(self, x: Tensor, tod: Tensor, dow: Tensor, adj, mask: Tensor) -> Tensor:
         g = self._graph(adj, x)
-        return self.decode(self.encode(x, tod, dow, g, mask), mask, g)
+        if self.decoder.prompted:  # task prompts read every token
+            return self.decode(self.encode(x, tod, dow, g, mask), mask, g)
+        out = self.decoder.forward_parts(*self.encoder.parts(x, tod, dow, g, mask), mask, g)
+        return out.reshape(*out.shape[:2], -1)
 
     def _graph(self, adj, like: Tensor) -> STGraph:
         g = as_graph(adj, self.cfg)

@@ -247,6 +247,17 @@ def test_encode_decode_equals_forward_and_shapes():
         r = m.decode(tok, mask, adj)
         assert r.shape == x.shape
         assert torch.equal(r, m(x, tod, dow, m.graph(adj), mask))
+    # training (dropout on): forward skips the (B, N, P, d) tokens, same values and gradients
+    m.train()
+    grads = []
+    for run in (lambda: m(x, tod, dow, adj, mask), lambda: m.decode(m.encode(x, tod, dow, adj, mask), mask, adj)):
+        m.zero_grad()
+        torch.manual_seed(3)
+        masked_mae(run(), x, mask).backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "decoder.input.weight" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-6)
 
 
 def test_forecast_window_of_three_patches():
