@@ -186,12 +186,12 @@ class BiasedAttention(torch.autograd.Function):
         s, h, n, dh = q.shape
         with _NoAutocast(q):
             if q.dtype == torch.float32 and bias.dim() == 5:  # per group: the mask broadcasts
-                g, m = bias.shape[0], bias.to(q.dtype)
+                g, m = bias.shape[0], bias.detach().to(q.dtype)  # a mask needing grad: SDPA's math path
                 qs, ks, vs = (t.view(g, s // g, h, -1, dh) for t in (q, k, v))
                 out = torch.cat([F.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=m[i])
                                  for i in range(g)])
             elif q.dtype == torch.float32:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.detach().to(q.dtype))
             else:
                 p = BiasedAttention._probs(q, k, bias)
                 out = torch.matmul(p, BiasedAttention._grouped(v, bias)).view(s, h, n, dh)
