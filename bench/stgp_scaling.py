@@ -13,7 +13,7 @@ steps into a fresh local store; windows/s is the median over the epochs after th
 of the whole process tree (driver, Ray's GCS / raylet / dashboard and the workers),
 sampled every 0.5 s. The reference (issue #4): 2.45 windows/s, 3.6 GB peak, one process.
 
-    .venv/bin/python -m bench.stgp_scaling [--layouts 1x2 2x1 2x1:bf16] [--steps 12]
+    .venv/bin/python -m bench.stgp_scaling [--layouts 1x1 2x1 1x2 2x1:bf16 1x2:bf16] [--steps 12]
         [--epochs 3] [--global-batch 8] [--out PATH]  -> bench/results/stgp_scaling.json
 
 A layout is ``WxC`` (W workers with C CPUs each), ``:bf16`` for bf16 compute
@@ -82,7 +82,7 @@ def measure(store, prepared_id: str, layout: dict, a) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layouts", nargs="+", default=["1x2", "2x1", "1x2:bf16", "2x1:bf16"])
+    ap.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2", "2x1:bf16", "1x2:bf16"])
     ap.add_argument("--steps", type=int, default=12, help="steps per epoch")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=8)
