@@ -86,7 +86,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "stgp_recipe_kriging", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "stgp_recipe_kriging", "stgp_recipe_bf16", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "stgp_scaling", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -105,6 +105,7 @@ TITLES = {
     "stgp_recipe_epochs": "STGP: pre-training length, chosen on validation",
     "stgp_recipe_task_epochs": "STGP: task-prompting epochs, chosen on validation",
     "stgp_recipe_kriging": "STGP: kriging on raw or deseasonalised data, chosen on validation",
+    "stgp_recipe_bf16": "STGP: bf16 compute (pre-training and prompting) vs fp32, forecasting validation",
     "scaling": "Scale: zoo -> tokens -> generation vs node count",
     "zoo_speed": "Model zoo: batched per-node programs vs one model at a time",
     "zoo_recipe": "Model zoo: choosing the training recipe on selection nodes",
@@ -1000,7 +1001,7 @@ RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_quick_gpdiff": r_loo,
     "loo_quick_gpdiff_extra": r_loo, "loo_quick_stgp": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
     "target_recipe": r_target_recipe, "stgp_recipe": r_stgp_recipe, "stgp_recipe_epochs": r_stgp_recipe,
-    "stgp_recipe_task_epochs": r_stgp_recipe, "stgp_recipe_kriging": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
+    "stgp_recipe_task_epochs": r_stgp_recipe, "stgp_recipe_kriging": r_stgp_recipe, "stgp_recipe_bf16": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "fewshot_topk": r_fewshot_recipe,
     "token_pipeline": r_tokens,
     "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "stgp_scaling": r_stgp_scaling, "quickstart": r_quickstart, "sweeps": r_sweeps,
