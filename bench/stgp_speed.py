@@ -32,7 +32,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import time
 
 REFERENCE = {"pretrain_windows_per_s": 2.45, "pretrain_s_per_step": 3.3, "pretrain_peak_gb": 3.6,
@@ -69,6 +68,7 @@ def _setup(batch: int, threads: int = 2, bf16: bool = False):
 def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None:
     import torch
 
+    from stgray.engines.common import peak_rss_gb
     from stgray.nn.stgp.model import count_parameters, masked_mae
 
     load0 = os.getloadavg()
@@ -116,7 +116,7 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
            "median_cpu_s_per_step": sorted(cpu)[len(cpu) // 2],
            "s_per_step": [round(t, 3) for t in times], "cpu_s_per_step": [round(t, 3) for t in cpu],
            "trainable_params": sum(x.numel() for x in params), "total_params": count_parameters(model),
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB
+           "peak_rss_gb": peak_rss_gb(),
            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if kind == "task":

@@ -36,6 +36,13 @@ def keep_freed_memory(threshold_bytes: int = 32 << 20) -> bool:
                                                     (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux's ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
 def amp_enabled(device: torch.device, requested: bool = True) -> bool:
     """Mixed precision only on GPU."""
     return bool(requested) and device.type == "cuda"

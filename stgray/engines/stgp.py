@@ -31,8 +31,8 @@ from pydantic import Field
 from stgray.config import StageConfig
 from stgray.data.prepare import Prepared, deseasonalise, load_prepared
 from stgray.engines import ray_utils
-from stgray.engines.common import (amp_enabled, keep_freed_memory, resolve_device, run_config, scaling,
-                                   tensors_from_bytes, tensors_to_bytes)
+from stgray.engines.common import (amp_enabled, keep_freed_memory, peak_rss_gb, resolve_device, run_config,
+                                   scaling, tensors_from_bytes, tensors_to_bytes)
 from stgray.eval.metrics import forecast_metrics
 from stgray.nn.stgp.model import STGPModel, STGPModelConfig, count_parameters, masked_mae
 from stgray.nn.stgp.template import PatchTemplate, node_mask
@@ -216,7 +216,7 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         rec = {"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_loss": val,
                "resumed": bool(ckpt), "worker_nodes": nodes,
                "windows_per_s": n_win * world / train_s, "train_seconds": train_s,
-               "worker_peak_rss_gb": _gathered(_peak_rss_gb(), world)}
+               "worker_peak_rss_gb": _gathered(peak_rss_gb(), world)}
         history.append(rec)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -237,13 +237,6 @@ def _gathered(value, world: int) -> list:
     out = [None] * world
     dist.all_gather_object(out, value)
     return out
-
-
-def _peak_rss_gb() -> float:
-    """This process's peak resident memory so far (GB; Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 @torch.no_grad()

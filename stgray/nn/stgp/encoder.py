@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GeluLinear, Linear, LNLinear, compute_dtype,
-                                   keep_as)
+                                   keep_as, sdpa)
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -282,10 +282,7 @@ class EncoderLayer(nn.Module):
             a = BiasedAttention.apply(q, k, v, attn_mask)
         elif q.dtype == torch.float32:
             # SDPA's fused CPU kernel; its bf16 backward is ~10x slower than the plain ops below
-            if attn_mask is not None and attn_mask.dim() == 5:  # one mask per group -> per set
-                g = attn_mask.shape[0]
-                attn_mask = attn_mask.expand(g, s // g, *attn_mask.shape[2:]).reshape(s, *attn_mask.shape[2:])
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            a = sdpa(q, k, v, attn_mask)
         else:
             if attn_mask is not None and attn_mask.dim() == 5:  # (G, 1, H, L, L): G groups of sets
                 g = attn_mask.shape[0]

@@ -173,6 +173,21 @@ class GeluLinear(torch.autograd.Function):
         return gu, gw, gb
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """``F.scaled_dot_product_attention`` on q, k, v (S, H, L, dh) with a mask that broadcasts
+    to (S, H, L, L), or a (G, 1, H, L, L) mask shared by each of G consecutive groups of
+    S / G sets: one call per group, the mask broadcast (no (S, H, L, L) copy). The mask is
+    detached: SDPA sends a mask that needs grad down its unfused math path."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = mask.detach()
+    if mask.dim() != 5:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    g = mask.shape[0]
+    qs, ks, vs = (t.unflatten(0, (g, -1)) for t in (q, k, v))
+    return torch.cat([F.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=mask[i]) for i in range(g)])
+
+
 class BiasedAttention(torch.autograd.Function):
     """``softmax(q k^T * scale + bias) v`` for q, k, v (S, H, L, dh), with a bias gradient.
 
@@ -185,13 +200,8 @@ class BiasedAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         s, h, n, dh = q.shape
         with _NoAutocast(q):
-            if q.dtype == torch.float32 and bias.dim() == 5:  # per group: the mask broadcasts
-                g, m = bias.shape[0], bias.detach().to(q.dtype)  # a mask needing grad: SDPA's math path
-                qs, ks, vs = (t.view(g, s // g, h, -1, dh) for t in (q, k, v))
-                out = torch.cat([F.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=m[i])
-                                 for i in range(g)])
-            elif q.dtype == torch.float32:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.detach().to(q.dtype))
+            if q.dtype == torch.float32:
+                out = sdpa(q, k, v, bias.to(q.dtype))
             else:
                 p = BiasedAttention._probs(q, k, bias)
                 out = torch.matmul(p, BiasedAttention._grouped(v, bias)).view(s, h, n, dh)
