@@ -10,13 +10,12 @@ and updates x = LayerNorm(x + h) (the last layer only feeds its skip, so it has 
 The head maps the summed skips of each cell back to its L steps. ``blocks`` x
 ``len(dilations)`` layers (reference: 2 x (1, 2, 4)).
 
-Diffusions (:class:`_GraphConv`, one autograd node per layer): a dense graph stacks
-[S1, S1^2, S2, S2^2] into one (4N, N) matrix, one matmul; a sparse one (``STGraph``
-decides by edge density) chains CSR products per support, S^k x = S (S^(k-1) x), in fp32,
-with precomputed transposes for the backward pass (in bf16 the dense copy of a small
-sparse graph is used instead). Every weight block multiplies its diffusion in place into
-one output, and the backward pass writes the diffusions' gradients into buffers of its
-own: no concatenation, no stack, no zero-filled slices.
+Diffusions (:class:`_GraphConv`, one autograd node per layer) by Horner's scheme: the
+weight blocks multiply x first, then each support S chains ``order`` products,
+S (z_1 + S (z_2 + ..)); sparse graphs (``STGraph`` decides by edge density) as CSR products
+in fp32 with precomputed transposes for the backward pass (in bf16 the dense copy of a
+small sparse graph is used instead). Only x is kept: the backward pass runs the transposed
+chain once for the gradients of x and of the weights.
 
 The gate, its GELUs and dropout run as one fused function (:class:`GatedMix`), and the
 dropout scale is folded into the skip projection and the residual add.
@@ -31,60 +30,52 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stgray.nn.stgp.encoder import FastDropout, STGraph
-from stgray.nn.stgp.kernels import GatedMix, ReluMLP, compute_dtype
+from stgray.nn.stgp.kernels import GatedMix, ReluMLP, mm_dw, compute_dtype, mm_dx, mm_fwd
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
     from stgray.nn.stgp.model import STGPModelConfig
 
 
-def _op_mm(op: Tensor, x: Tensor) -> Tensor:
-    """``op @ x`` for a dense or CSR ``op``; CSR products run in fp32 (no bf16 kernel)."""
+def _op_mm(op: Tensor, a: Tensor, acc: Tensor | None = None) -> Tensor:
+    """``acc + op @ a`` (``op @ a`` without acc) for a dense or CSR (N, N) ``op`` and (N, F)
+    ``a``, in a's dtype; CSR products run in fp32 (no bf16 kernel)."""
     if op.layout != torch.strided:
-        return torch.sparse.mm(op, x.float())
-    return torch.mm(op.to(x.dtype), x)
+        if a.dtype == torch.float32:
+            return torch.mm(op, a) if acc is None else torch.addmm(acc, op, a)
+        y = torch.mm(op, a.float()).to(a.dtype)
+        return y if acc is None else acc.add_(y)
+    op = op.to(a.dtype)
+    return torch.mm(op, a) if acc is None else torch.addmm(acc, op, a)
 
 
 class _GraphConv(torch.autograd.Function):
-    """``y = b + x W_0^T + sum_j h_j W_j^T`` on node-major x (N, R, C), h_j the diffusions of
-    x (``STGraph.diffusion_levels``), W = [W_0, W_1, ..] the weight of
-    ``Linear((1 + 2 * order) * C, C)``. Returns (N * R, C) in x's dtype; sparse products run
-    in fp32. No gradient flows to the graph.
+    """``y = b + x W_0^T + sum_s sum_k (S_s^k x) W_(s,k)^T`` on node-major x (N, R, C), for
+    the supports S_s of ``ops`` (``STGraph.diffusion_ops``) and k = 1..order, with
+    W = [W_0, W_(1,1), .., W_(1,order), W_(2,1), ..] the weight of
+    ``Linear((1 + 2 * order) * C, C)``. Returns (N * R, C) in x's dtype. No gradient flows
+    to the graph.
 
-    One autograd node: every weight block multiplies its diffusion in place into one output,
-    and the backward pass writes the diffusions' gradients into buffers of its own (no
-    concatenation, stack or zero-filled slice gradients)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, levels) -> Tensor:
-        n, c, dt = x.shape[0], weight.shape[0], x.dtype
-        out = torch.addmm(bias, x.reshape(-1, c), weight[:, :c].t())
-        x2 = x.reshape(n, -1)
-        outs, hs = [], []
-        for lvl, (op, _, blocks, src) in enumerate(levels):
-            h = _op_mm(op, x2 if src < 0 else outs[src])  # (len(blocks) * N, R * C)
-            hd = h.view(len(blocks), -1, c).to(dt)
-            for i, j in enumerate(blocks):
-                out.addmm_(hd[i], weight[:, j * c:(j + 1) * c].t())
-            outs.append(h)
-            # fp32 sparse chains recompute every power in the backward pass (one cheap CSR
-            # product each) instead of keeping (len(levels), N * R, C) activations per layer
-            recompute = op.layout != torch.strided and dt == torch.float32
-            hs.append(None if recompute else hd)
-        ctx.levels = levels
-        ctx.save_for_backward(x, weight, *hs)
-        return out
+    Horner's scheme: the products with the weight blocks come first, z_(s,k) = x W_(s,k)^T,
+    then y_s = S_s (z_(s,1) + S_s (z_(s,2) + ..)): ``order`` graph products per support, and
+    nothing but x kept for the backward pass, which runs the transposed chain
+    a_(s,k) = (S_s^T)^k g once for the gradients of both x and W (no recomputed powers)."""
 
     @staticmethod
-    def _level_outputs(levels, x: Tensor, hs: list) -> list[Tensor]:
-        """The (len(blocks), N * R, C) outputs of every level, recomputing those not kept."""
-        n, c = x.shape[0], x.shape[-1]
-        out = list(hs)
-        for lvl, (op, _, blocks, src) in enumerate(levels):
-            if out[lvl] is None:
-                prev = x.reshape(n, -1) if src < 0 else out[src].reshape(len(levels[src][2]) * n, -1)
-                out[lvl] = _op_mm(op, prev).view(len(blocks), -1, c).to(x.dtype)
-        return out
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, ops, order: int) -> Tensor:
+        n, c = x.shape[0], weight.shape[0]
+        x2 = x.reshape(-1, c)
+        blocks = weight.view(c, -1, c).transpose(0, 1).contiguous()  # (1 + 2 * order, C, C): W_j
+        y = mm_fwd(x2, blocks[0], bias).view(n, -1)
+        for s, (op, _) in enumerate(ops):
+            acc = None
+            for k in range(order, 0, -1):
+                z = mm_fwd(x2, blocks[1 + s * order + k - 1], None).view(n, -1)
+                acc = z if acc is None else _op_mm(op, acc, z)
+            y = _op_mm(op, acc, y)
+        ctx.ops, ctx.order = ops, order
+        ctx.save_for_backward(x, blocks)
+        return y.view(-1, c)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -93,44 +84,28 @@ class _GraphConv(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g: Tensor):
-        x, weight, *hs = ctx.saved_tensors
-        levels = ctx.levels
+        x, blocks = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, c = x.shape[0], weight.shape[0]
+        n, c, order = x.shape[0], blocks.shape[1], ctx.order
+        x2 = x.reshape(-1, c)
         g = g.to(x.dtype).contiguous()
-        gx = gw = gb = None
+        gx = mm_dx(g, blocks[0]) if need_x else None
+        gw = torch.empty_like(blocks) if need_w else None
         if need_w:
-            hs = _GraphConv._level_outputs(levels, x, hs)
-            gw = torch.empty_like(weight)
-            gw[:, :c] = g.t() @ x.reshape(-1, c)
-            for (_, _, blocks, _), hd in zip(levels, hs):
-                for i, j in enumerate(blocks):
-                    gw[:, j * c:(j + 1) * c] = g.t() @ hd[i]
-        if need_b:
-            gb = g.sum(0)
-        if need_x:
-            # gradient w.r.t. each level's output: its own weight blocks, plus what flows back
-            # from the levels that read it (later in the list)
-            grads: list[Tensor | None] = [None] * len(levels)
-            gx = torch.mm(g, weight[:, :c])
-            gx2 = gx.view(n, -1)
-            for lvl in range(len(levels) - 1, -1, -1):
-                op, op_t, blocks, src = levels[lvl]
-                gh = torch.empty(len(blocks), g.shape[0], c, dtype=g.dtype, device=g.device)
-                for i, j in enumerate(blocks):
-                    torch.mm(g, weight[:, j * c:(j + 1) * c], out=gh[i])
-                gh = gh.view(len(blocks) * n, -1)
-                if grads[lvl] is not None:
-                    gh = grads[lvl].add_(gh) if grads[lvl].dtype == gh.dtype else gh.add_(grads[lvl].to(gh.dtype))
-                back = _op_mm(op_t, gh)  # gradient w.r.t. this level's input
-                if src < 0:
-                    gx2.add_(back.to(gx2.dtype))
-                elif grads[src] is None:
-                    grads[src] = back
-                else:
-                    grads[src].add_(back)
-            gx = gx.view(x.shape)
-        return gx, gw, gb, None
+            gw[0] = mm_dw(g, x2)
+        if need_x or need_w:
+            for s, (_, op_t) in enumerate(ctx.ops):
+                a = g
+                for k in range(1, order + 1):
+                    j = 1 + s * order + k - 1
+                    a = _op_mm(op_t, a.view(n, -1)).view(-1, c)  # (S_s^T)^k g
+                    if need_w:
+                        gw[j] = mm_dw(a, x2)
+                    if need_x:
+                        gx.addmm_(a, blocks[j])
+        gb = g.sum(0) if need_b else None
+        gw = gw.transpose(0, 1).reshape(c, -1) if need_w else None
+        return (gx.view(x.shape) if need_x else None), gw, gb, None, None
 
 
 class GatedSTLayer(nn.Module):
@@ -179,7 +154,7 @@ class GatedSTLayer(nn.Module):
         dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return _GraphConv.apply(x.reshape(x.shape[0], -1, self.channels).to(dt), self.gcn.weight.to(dt),
-                                    self.gcn.bias.to(dt), graph.diffusion_levels(self.order, dt))
+                                    self.gcn.bias.to(dt), graph.diffusion_ops(dt), self.order)
 
     def forward(self, x: Tensor, graph: STGraph, skip: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, B, P, C), skip (N*B*P, skip) -> updated x and skip + W_skip h (no bias:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # --- graph ------------------------------------------------------------------------------
 
-DENSE_COPY_NODES = 1024  # sparse graphs up to this size also keep the dense powers (bf16)
+DENSE_COPY_NODES = 1024  # sparse graphs up to this size also keep dense supports (bf16)
 
 @dataclass
 class STGraph:
@@ -44,16 +44,15 @@ class STGraph:
     in_degree / out_degree: (N,) int64 edge counts, clipped to ``max_degree - 1``.
     supports: [row-normalised A, row-normalised A^T] (= the column-normalised A,
         transposed), dense or sparse CSR; applied as ``x'_i = sum_j S[i, j] x_j``.
-    powers: the stacked dense (2 * order * N, N) matrix [S1, S1^2, .., S1^order, S2, ..,
-        S2^order] (one matmul gives every diffusion); dense graphs, and sparse ones of at
-        most ``DENSE_COPY_NODES`` nodes (bf16 compute uses it: no bf16 CSR kernel).
     supports_t: sparse graphs only: the supports' transposes (CSR), for the backward pass.
+    dense: sparse graphs of at most ``DENSE_COPY_NODES`` nodes only: dense copies of the
+        supports (bf16 compute uses them: no bf16 CSR kernel).
 
     Graphs with an edge density below ``sparse_density`` are stored sparse and diffuse by
-    chained CSR products in fp32. A sparse product costs about six dense multiply-adds per
-    stored weight on the CPU (fp32), so sparse wins below about 15% density: 2.7x on the
-    207-node los_loop graph (6% edges; 18% for S^2, which the sparse chain never forms).
-    In bf16 the dense product is about as fast as the fp32 sparse chain and needs no casts.
+    CSR products in fp32. A sparse product costs about six dense multiply-adds per stored
+    weight on the CPU (fp32), so sparse wins below about 15% density: 2.7x on the 207-node
+    los_loop graph (6% edges). In bf16 the dense product is about as fast as the fp32
+    sparse one and needs no casts.
     """
 
     weight: Tensor
@@ -61,8 +60,8 @@ class STGraph:
     in_degree: Tensor
     out_degree: Tensor
     supports: list[Tensor] = field(default_factory=list)
-    powers: Tensor | None = None
     supports_t: list[Tensor] = field(default_factory=list)
+    dense: list[Tensor] = field(default_factory=list)
 
     @property
     def num_nodes(self) -> int:
@@ -73,7 +72,7 @@ class STGraph:
         return bool(self.supports_t)
 
     @classmethod
-    def from_adj(cls, adj, max_degree: int = 64, sparse_density: float = 0.1, order: int = 2) -> "STGraph":
+    def from_adj(cls, adj, max_degree: int = 64, sparse_density: float = 0.1) -> "STGraph":
         a = torch.as_tensor(adj).detach().float()
         if a.dim() != 2 or a.shape[0] != a.shape[1]:
             raise ValueError(f"adjacency must be (N, N); got {tuple(a.shape)}")
@@ -87,49 +86,26 @@ class STGraph:
         in_deg = edge.sum(0).clamp(max=max_degree - 1)
         fwd, bwd = _row_normalise(weight), _row_normalise(weight.t())
         density = float(edge.sum()) / max(n * n, 1)
-        sparse = density < sparse_density
-        pows = None
-        if not sparse or n <= DENSE_COPY_NODES:
-            pows = []
-            for s in (fwd, bwd):
-                h = s
-                for k in range(order):
-                    pows.append(h)
-                    if k + 1 < order:
-                        h = s @ h
-            pows = torch.cat(pows)
-        if sparse:
+        if density < sparse_density:
             return cls(weight, edge, in_deg.long(), out_deg.long(), [_to_sparse(fwd), _to_sparse(bwd)],
-                       pows, [_to_sparse(fwd.t()), _to_sparse(bwd.t())])
-        return cls(weight, edge, in_deg.long(), out_deg.long(), [fwd, bwd], pows)
+                       [_to_sparse(fwd.t()), _to_sparse(bwd.t())], [fwd, bwd] if n <= DENSE_COPY_NODES else [])
+        return cls(weight, edge, in_deg.long(), out_deg.long(), [fwd, bwd])
 
     def to(self, device) -> "STGraph":
         return STGraph(self.weight.to(device), self.edge.to(device), self.in_degree.to(device),
                        self.out_degree.to(device), [s.to(device) for s in self.supports],
-                       None if self.powers is None else self.powers.to(device),
-                       [s.to(device) for s in self.supports_t])
+                       [s.to(device) for s in self.supports_t], [s.to(device) for s in self.dense])
 
-    def diffusion_levels(self, order: int, dtype: torch.dtype = torch.float32
-                         ) -> list[tuple[Tensor, Tensor, tuple[int, ...], int]]:
-        """The graph convolution's diffusions as chained products ``[(op, op_t, blocks, src)]``.
-
-        A level applies ``op`` to x (N, F) (``src`` = -1) or to the output of level ``src``;
-        its output stacks ``len(blocks)`` (N, F) row blocks, block i being the diffusion that
-        weight block ``blocks[i]`` of ``Linear([x, S1 x, .., S1^order x, S2 x, ..])``
-        multiplies; ``op_t`` is op's transpose (backward pass). Dense (and low-precision
-        ``dtype`` when the dense copy exists): one level, the stacked powers; sparse:
-        S^k x = S (S^(k-1) x) per support. Stacking the two CSR supports into one product is
-        slower on the CPU than two products."""
-        if self.powers is not None and (not self.sparse or dtype in (torch.bfloat16, torch.float16)):
-            if self.powers.shape[0] != 2 * order * self.num_nodes:
-                raise ValueError(f"graph built for order {self.powers.shape[0] // (2 * self.num_nodes)}; "
-                                 f"the decoder uses {order}")
-            return [(self.powers, self.powers.t(), tuple(range(1, 2 * order + 1)), -1)]
-        levels = []
-        for i, (a, a_t) in enumerate(zip(self.supports, self.supports_t)):
-            for k in range(order):
-                levels.append((a, a_t, (1 + i * order + k,), -1 if k == 0 else len(levels) - 1))
-        return levels
+    def diffusion_ops(self, dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+        """``[(S, S^T)]`` per support, as the graph conv applies them to (N, F) features:
+        dense (S^T a transposed view) for dense graphs and, in low precision, for sparse
+        ones with a dense copy; CSR with precomputed CSR transposes otherwise (fp32
+        products)."""
+        if not self.sparse:
+            return [(s, s.t()) for s in self.supports]
+        if self.dense and dtype in (torch.bfloat16, torch.float16):
+            return [(s, s.t()) for s in self.dense]
+        return list(zip(self.supports, self.supports_t))
 
 
 def _row_normalise(a: Tensor) -> Tensor:
@@ -150,7 +126,7 @@ def as_graph(adj, cfg) -> STGraph:
     """An ``STGraph`` as is, or one built from an adjacency tensor / array."""
     if isinstance(adj, STGraph):
         return adj
-    return STGraph.from_adj(adj, cfg.max_degree, cfg.sparse_density, cfg.graph_order)
+    return STGraph.from_adj(adj, cfg.max_degree, cfg.sparse_density)
 
 
 class GraphormerBias(nn.Module):

@@ -61,7 +61,8 @@ def mm_dx(g2: Tensor, w: Tensor) -> Tensor:
     return g2 @ w
 
 
-def _wgrad(g2: Tensor, x2: Tensor) -> Tensor:
+def mm_dw(g2: Tensor, x2: Tensor) -> Tensor:
+    """``g2.T @ x2`` (the weight gradient of a linear layer) for 2-D g2, x2."""
     return g2.t() @ x2
 
 
@@ -103,7 +104,7 @@ class Linear(torch.autograd.Function):
         with _NoAutocast(gy):
             g2 = gy.reshape(-1, gy.shape[-1]).to(x2.dtype)
             gx = mm_dx(g2, w).view(*ctx.lead, w.shape[1]) if nx else None
-            gw = _wgrad(g2, x2) if nw else None
+            gw = mm_dw(g2, x2) if nw else None
             gb = g2.sum(0) if nb else None
         return gx, gw, gb
 
@@ -135,7 +136,7 @@ class LNLinear(torch.autograd.Function):
             if nw:
                 xn = (x - mean) * rstd  # the normalised input, recomputed
                 xn = torch.addcmul(ln_b, xn, ln_w) if ln_w is not None else xn
-                gw = _wgrad(g2, xn.reshape(-1, k).to(w.dtype))
+                gw = mm_dw(g2, xn.reshape(-1, k).to(w.dtype))
             if nb:
                 gb = g2.sum(0)
             if nx or nlw or nlb:
@@ -165,7 +166,7 @@ class GeluLinear(torch.autograd.Function):
             u2 = u.reshape(-1, u.shape[-1])
             g2 = gy.reshape(-1, gy.shape[-1]).to(w.dtype)
             if nw:
-                gw = _wgrad(g2, F.gelu(u2))
+                gw = mm_dw(g2, F.gelu(u2))
             if nb:
                 gb = g2.sum(0)
             if nu:
@@ -268,8 +269,8 @@ class GatedMix(torch.autograd.Function):
             t, s = F.gelu(tp), F.gelu(sp)
             # d h / d g = s - t; d g / d a = g (1 - g)
             ga = torch.ops.aten.sigmoid_backward(gh * (s - t), g)
-            gwt = _wgrad(ga, t) if nwt else None
-            gws = _wgrad(ga, s) if nws else None
+            gwt = mm_dw(ga, t) if nwt else None
+            gws = mm_dw(ga, s) if nws else None
             gbt = ga.sum(0) if nbt else None
             gtp = gsp = None
             if ntp or nsp:
@@ -303,14 +304,14 @@ class ReluMLP(torch.autograd.Function):
             r0 = torch.relu(x)
             a1 = mm_fwd(r0, w1, b1)
             if nw2:
-                gw2 = _wgrad(g, torch.relu(a1))
+                gw2 = mm_dw(g, torch.relu(a1))
             if nb2:
                 gb2 = g.sum(0)
             if nx or nw1 or nb1:
                 ga1 = torch.ops.aten.threshold_backward(mm_dx(g, w2), a1, 0)
                 del a1
                 if nw1:
-                    gw1 = _wgrad(ga1, r0)
+                    gw1 = mm_dw(ga1, r0)
                 if nb1:
                     gb1 = ga1.sum(0)
                 if nx:

@@ -113,23 +113,30 @@ def _plain_gcn(layer: GatedSTLayer, x, graph: STGraph):
     return F.linear(torch.cat(hs, -1), layer.gcn.weight, layer.gcn.bias).reshape(-1, layer.channels)
 
 
-@pytest.mark.parametrize("density", [0.0, 1.0])  # dense powers / sparse chain
-def test_graph_conv_matches_concatenated_linear(density):
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("density", [0.0, 1.0])  # dense / sparse supports
+def test_graph_conv_matches_concatenated_linear(density, order):
     torch.manual_seed(0)
-    layer = GatedSTLayer(8, 6, dilation=1, kernel_size=3, order=2, num_supports=2, dropout=0.0)
+    layer = GatedSTLayer(8, 6, dilation=1, kernel_size=3, order=order, num_supports=2, dropout=0.0)
     graph = STGraph.from_adj(ring_adj(7, back=3), sparse_density=density)
     assert graph.sparse == (density == 1.0)
     (x,) = _leaves((7, 2, 5, 8))
     params = [x, layer.gcn.weight, layer.gcn.bias]
     _same(layer.spatial(x, graph), _plain_gcn(layer, x, graph), params, rtol=1e-5, atol=1e-5)
+    # frozen layer (task prompting): the input gradient alone
+    layer.requires_grad_(False)
+    (gx,) = torch.autograd.grad(layer.spatial(x, graph).square().sum(), [x])
+    (ref,) = torch.autograd.grad(_plain_gcn(layer, x, graph).square().sum(), [x])
+    torch.testing.assert_close(gx, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_graph_conv_bf16_uses_dense_copy_of_sparse_graph():
     torch.manual_seed(0)
     layer = GatedSTLayer(8, 6, dilation=1, kernel_size=3, order=2, num_supports=2, dropout=0.0)
     graph = STGraph.from_adj(ring_adj(7, back=3), sparse_density=1.0)
-    assert graph.sparse and graph.powers is not None
-    assert len(graph.diffusion_levels(2, torch.bfloat16)) == 1 and len(graph.diffusion_levels(2)) == 4
+    assert graph.sparse and graph.dense
+    assert all(op.layout == torch.strided for op, _ in graph.diffusion_ops(torch.bfloat16))
+    assert all(op.layout == torch.sparse_csr for op, _ in graph.diffusion_ops())
     (x,) = _leaves((7, 2, 5, 8))
     out = layer.spatial(x.bfloat16(), graph)
     assert out.dtype == torch.bfloat16
