@@ -740,7 +740,7 @@ def r_tokens(name: str, res: dict, ctx: Ctx) -> list[str]:
     ts = res.get("tokens_stage", {})
     md = [f"Tokens stage: {ts.get('rows')} STGCN rows (P = {ts.get('P')}, L = {ts.get('L')} tokens of "
           f"{ts.get('C')}), {fmt(ts.get('rows_per_s'))} rows/s, peak RSS "
-          f"{fmt(ts.get('peak_rss_mb_after'))} MB. Payload {fmt(res.get('payload_mb'))} MB per read.", ""]
+          f"{fmt(ts.get('peak_rss_mb_after'))} MiB. Payload {fmt(res.get('payload_mb'))} MB per read.", ""]
     rows = []
     for batch, d in res.get("reads", {}).items():
         for how, v in d.items():

@@ -175,6 +175,7 @@ def read_stgray(store, ti, batch: int) -> tuple[int, float, float]:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process in MiB (ru_maxrss is KiB on Linux; the key says mb for history)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
