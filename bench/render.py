@@ -76,6 +76,8 @@ COMMANDS = {
     "target_recipe": PY + " -m bench.target_recipe",
     "stgp_recipe": PY + " -m bench.stgp_recipe",
     "loo_quick_stgp": PY + " -m bench.loo --mode quick --stages prepare stgp baselines report --out bench/results/loo_quick_stgp.json",
+    "loo_quick_stgp_bf16": PY + " -m bench.loo --mode quick --config configs/loo-quick-bf16.yaml --stages prepare stgp "
+                           "baselines report --out bench/results/loo_quick_stgp_bf16.json",
     "fewshot_recipe": PY + " -m bench.fewshot_recipe",
     "token_pipeline": PY + " bench/token_pipeline.py{args}",
     "diffusion_sampling": PY + " bench/diffusion_sampling.py{args}",
@@ -86,7 +88,7 @@ COMMANDS = {
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
 }
-ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "stgp_recipe_kriging", "stgp_recipe_bf16", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
+ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_quick_stgp_bf16", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "stgp_recipe_kriging", "stgp_recipe_bf16", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
          "stgp_speed", "stgp_scaling", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
@@ -100,6 +102,9 @@ TITLES = {
     "loo_quick_stgp": "Cross-city transfer, leave one city out (quick sizes, STGP and the "
                       "cheap baselines only: the STGP rows after a later change of its settings; "
                       "judged with the per-node baseline rows of loo_quick_gpdiff)",
+    "loo_quick_stgp_bf16": "Cross-city transfer, leave one city out (quick sizes, as loo_quick_stgp with "
+                           "the STGP model computing in bf16; judged with the per-node baseline rows of "
+                           "loo_quick_gpdiff)",
     "loo_smoke": "Cross-city transfer, leave one city out (smoke: one target, tiny sizes)",
     "stgp_recipe": "STGP: raw or deseasonalised data, chosen on validation",
     "stgp_recipe_epochs": "STGP: pre-training length, chosen on validation",
@@ -301,7 +306,7 @@ def r_loo(name: str, res: dict, ctx: Ctx) -> list[str]:
                 gain = 100.0 * (b["mae"] - r["mae"]) / b["mae"]
                 imp.append({"target": t, "task": task, "method": r["method"], "MAE": r["mae"],
                             "best baseline": b["method"], "baseline MAE": b["mae"], "improvement %": gain})
-    if not name.endswith("_stgp"):  # an STGP-only run lacks the per-node baselines: judged below
+    if _stgp_base(name) is None:  # an STGP-only run lacks the per-node baselines: judged below
         _loo_criteria(name, agg, list(per) or sorted({r["target"] for r in agg}), ctx)
     _loo_combined(name, res, ctx)
     _loo_with_baselines(name, res, ctx)
@@ -343,7 +348,7 @@ RERUN_SUFFIX = {"GPDiff few-shot": "_gpdiff", "STGP (domain + task prompts)": "_
 def _superseded_by(name: str, method: str) -> str | None:
     """The result that re-ran ``method`` with later settings, if there is one."""
     base = name.split(" + ")[0].removesuffix("_extra")
-    if base.endswith(tuple(RERUN_SUFFIX.values())) or method not in RERUN_SUFFIX:
+    if any(sfx in base for sfx in RERUN_SUFFIX.values()) or method not in RERUN_SUFFIX:
         return None
     newer = base + RERUN_SUFFIX[method]
     return newer if (_Where.results / f"{newer}.json").exists() else None
@@ -408,15 +413,23 @@ def _target_data(res: dict) -> dict[str, str]:
     return out
 
 
+def _stgp_base(name: str) -> str | None:
+    """``X`` for an STGP-only run ``X_stgp`` or ``X_stgp_<variant>`` (e.g. ``_stgp_bf16``)."""
+    if name.endswith("_stgp"):
+        return name[:-len("_stgp")]
+    return name.split("_stgp_")[0] if "_stgp_" in name else None
+
+
 def _loo_with_baselines(name: str, res: dict, ctx: Ctx) -> None:
     """``X_stgp`` (STGP stages and the cheap baselines only) judged against every baseline
     row, adding those of ``X_gpdiff`` / ``X_gpdiff_extra`` (target-only and pooled per-node
     models) for the targets whose prepared data is the same artefact."""
-    if not name.endswith("_stgp"):
+    base = _stgp_base(name)
+    if base is None:
         return
     mine = _target_data(res)
     extra, notes = [], []
-    for other in (f"{name[:-len('_stgp')]}_gpdiff", f"{name[:-len('_stgp')]}_gpdiff_extra"):
+    for other in (f"{base}_gpdiff", f"{base}_gpdiff_extra"):
         try:
             o = json.loads((_Where.results / f"{other}.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -1017,7 +1030,7 @@ def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
 
 RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "loo": r_loo, "loo_quick": r_loo, "loo_quick_extra": r_loo, "loo_quick_gpdiff": r_loo,
-    "loo_quick_gpdiff_extra": r_loo, "loo_quick_stgp": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
+    "loo_quick_gpdiff_extra": r_loo, "loo_quick_stgp": r_loo, "loo_quick_stgp_bf16": r_loo, "loo_smoke": r_loo, "scaling": r_scaling, "zoo_speed": r_zoo, "zoo_recipe": r_zoo_recipe,
     "target_recipe": r_target_recipe, "stgp_recipe": r_stgp_recipe, "stgp_recipe_epochs": r_stgp_recipe,
     "stgp_recipe_task_epochs": r_stgp_recipe, "stgp_recipe_kriging": r_stgp_recipe, "stgp_recipe_bf16": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "fewshot_topk": r_fewshot_recipe,
