@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stgray.nn.stgp.encoder import FastDropout, STGraph
-from stgray.nn.stgp.kernels import GatedMix, ReluMLP, mm_dw, compute_dtype, mm_dx, mm_fwd
+from stgray.nn.stgp.kernels import GatedMix, Linear, ReluMLP, compute_dtype, mm_dw, mm_dx, mm_dx_add_, mm_fwd
 from stgray.nn.stgp.prompts import PromptBank
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,7 +102,7 @@ class _GraphConv(torch.autograd.Function):
                     if need_w:
                         gw[j] = mm_dw(a, x2)
                     if need_x:
-                        gx.addmm_(a, blocks[j])
+                        mm_dx_add_(gx, a, blocks[j])
         gb = g.sum(0) if need_b else None
         gw = gw.transpose(0, 1).reshape(c, -1) if need_w else None
         return (gx.view(x.shape) if need_x else None), gw, gb, None, None
@@ -167,7 +167,7 @@ class GatedSTLayer(nn.Module):
         h = GatedMix.apply(tp, sp, self.gate_t.weight.to(dt), self.gate_t.bias.to(dt),
                            self.gate_s.weight.to(dt), keep)
         scale = self.drop.scale if keep is not None else 1.0
-        skip = torch.addmm(skip, h, self.skip.weight.to(dt).t(), alpha=scale)
+        skip = skip + Linear.apply(h, (self.skip.weight * scale).to(dt), None)
         if self.norm is None:
             return x, skip
         n = self.norm
