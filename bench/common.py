@@ -59,6 +59,12 @@ def _source_revision() -> str | None:
         return None
 
 
+def _mkl_dispatch() -> dict:
+    from stgray.nn import mkl_dispatch
+
+    return mkl_dispatch.status()
+
+
 def machine_info() -> dict:
     import numpy
     import torch
@@ -79,7 +85,8 @@ def machine_info() -> dict:
             "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "memory_gb": mem_gb,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "numpy": numpy.__version__, "ray": ray_v, "loadavg": os.getloadavg(),
-            "cuda": torch.cuda.is_available(), "revision": _source_revision()}
+            "cuda": torch.cuda.is_available(), "revision": _source_revision(),
+            "mkl_avx512_dispatch": _mkl_dispatch()}
 
 
 def config_hash(obj: Any) -> str:

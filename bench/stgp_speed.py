@@ -69,6 +69,7 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
     import torch
 
     from stgray.engines.common import peak_rss_gb
+    from stgray.nn import mkl_dispatch
     from stgray.nn.stgp.model import count_parameters, masked_mae
 
     load0 = os.getloadavg()
@@ -118,7 +119,8 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
            "trainable_params": sum(x.numel() for x in params), "total_params": count_parameters(model),
            "peak_rss_gb": peak_rss_gb(),
            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "mkl_avx512_dispatch": mkl_dispatch.status()["enabled"]}
     if kind == "task":
         out["encode_once_s"] = encode_s
     q.put(out)
