@@ -34,6 +34,7 @@ from stgray.engines import ray_utils
 from stgray.engines.common import (amp_enabled, keep_freed_memory, peak_rss_gb, resolve_device, run_config,
                                    scaling, tensors_from_bytes, tensors_to_bytes)
 from stgray.eval.metrics import forecast_metrics
+from stgray.nn import mkl_dispatch
 from stgray.nn.stgp.model import STGPModel, STGPModelConfig, count_parameters, masked_mae
 from stgray.nn.stgp.template import PatchTemplate, node_mask
 
@@ -216,7 +217,8 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         rec = {"epoch": epoch, "train_loss": tot / cfg.steps_per_epoch, "val_loss": val,
                "resumed": bool(ckpt), "worker_nodes": nodes,
                "windows_per_s": n_win * world / train_s, "train_seconds": train_s,
-               "worker_peak_rss_gb": _gathered(peak_rss_gb(), world)}
+               "worker_peak_rss_gb": _gathered(peak_rss_gb(), world),
+               "worker_mkl_avx512": _gathered(mkl_dispatch.status()["enabled"], world)}
         history.append(rec)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:

@@ -12,6 +12,7 @@ from stgray.data.prepare import PrepareConfig, prepare_to_store
 from stgray.engines.stgp import (STGPPretrainConfig, STGPPromptConfig, frozen_fingerprint, hourly_model,
                                  load_pretrained, run_stgp_domain, run_stgp_pretrain, run_stgp_task)
 from stgray.engines.common import tensors_from_bytes
+from stgray.nn import mkl_dispatch
 
 TINY = hourly_model(d_model=32, ffn_dim=64, temporal_depth=1, spatial_depth=1, decoder_blocks=1,
                     decoder_channels=16, skip_channels=16, head_hidden=32, domain_prompts=4, task_prompts=4)
@@ -46,6 +47,10 @@ def test_pretrain_prompt_all_tasks(ray_session, prepared_pair, s3_store):
     # every worker's own peak memory, gathered per epoch (bench.stgp_scaling sums them)
     assert all(len(h["worker_peak_rss_gb"]) == 2 and all(0.1 < g < 20 for g in h["worker_peak_rss_gb"])
                for h in hist)
+    # MKL's AVX-512 dispatch (AMD CPUs with AVX-512) is live in the Ray Train workers too
+    vendor, flags = mkl_dispatch._cpu_flags()
+    amd512 = vendor == "AuthenticAMD" and "avx512f" in flags
+    assert all(h["worker_mkl_avx512"] == [amd512, amd512] for h in hist)
     assert run_stgp_pretrain(s3_store, cfg, [ps]) == (pid, True)
 
     pcfg = STGPPromptConfig(domain_epochs=2, task_epochs=2, finetune_epochs=1, pseudo_draws=1)
