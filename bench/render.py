@@ -87,9 +87,10 @@ COMMANDS = {
     "loo_quick": PY + " -m bench.loo --mode quick",
     "loo_smoke": PY + " -m bench.loo --mode smoke",
     "sweeps": PY + " -m bench.sweeps",
+    "mkl_dispatch": PY + " -m bench.mkl_dispatch",
 }
 ORDER = ["loo", "loo_quick", "loo_quick_extra", "loo_quick_gpdiff", "loo_quick_gpdiff_extra", "loo_quick_stgp", "loo_quick_stgp_bf16", "loo_smoke", "scaling", "zoo_recipe", "target_recipe", "stgp_recipe", "stgp_recipe_epochs", "stgp_recipe_task_epochs", "stgp_recipe_kriging", "stgp_recipe_bf16", "fewshot_recipe", "fewshot_mix", "fewshot_topk", "zoo_speed", "token_pipeline", "diffusion_sampling",
-         "stgp_speed", "stgp_scaling", "sweeps", "quickstart"]
+         "stgp_speed", "stgp_scaling", "mkl_dispatch", "sweeps", "quickstart"]
 TITLES = {
     "loo": "Cross-city transfer, leave one city out (full)",
     "loo_quick": "Cross-city transfer, leave one city out (quick sizes)",
@@ -122,6 +123,7 @@ TITLES = {
     "diffusion_sampling": "Diffusion sampling: DDPM (500 steps) vs DDIM (50 steps)",
     "stgp_speed": "STGP compute vs the reference",
     "stgp_scaling": "STGP pre-training on Ray Train: workers x threads on one machine",
+    "mkl_dispatch": "MKL's AVX-512 kernels on AMD (stgray.nn.mkl_dispatch): on vs off, taking turns",
     "sweeps": "Sweeps: prompt-bank size and diffusion steps",
     "quickstart": "Main job: the README quick start",
 }
@@ -1017,6 +1019,19 @@ def _sweeps_generic(name: str, res: dict) -> list[str]:
     return md or ["(no sweep rows found)", ""]
 
 
+def r_mkl_dispatch(name: str, res: dict, ctx: Ctx) -> list[str]:
+    s = res.get("summary", {})
+    on, off, ratio = s.get("on_median", {}), s.get("off_median", {}), s.get("speedup_median_of_turn_ratios", {})
+    rows = [{"measure": k, "on": on.get(k), "off": off.get(k), "speed_up": ratio.get(k)} for k in ratio]
+    md = table(rows)
+    md += [f"Two processes, one with the dispatch ({s.get('dispatch_enabled_in_on_process')}) and one without "
+           f"({s.get('dispatch_enabled_in_off_process')}), alternate turns of the same work; speed-up: the median "
+           "of the per-turn ratios (a shared machine's load falls on both alike).", ""]
+    for k, v in ratio.items():
+        ctx.ratio(name, f"MKL AVX-512 dispatch on vs off: {k.removesuffix('_gflops').replace('_', ' ')}", v)
+    return md
+
+
 def r_generic(name: str, res: dict, ctx: Ctx) -> list[str]:
     md = []
     if isinstance(res.get("summary"), dict):
@@ -1035,7 +1050,7 @@ RENDERERS: dict[str, Callable[[str, dict, Ctx], list[str]]] = {
     "stgp_recipe_task_epochs": r_stgp_recipe, "stgp_recipe_kriging": r_stgp_recipe, "stgp_recipe_bf16": r_stgp_recipe, "fewshot_recipe": r_fewshot_recipe, "fewshot_mix": r_fewshot_recipe,
     "fewshot_topk": r_fewshot_recipe,
     "token_pipeline": r_tokens,
-    "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "stgp_scaling": r_stgp_scaling, "quickstart": r_quickstart, "sweeps": r_sweeps,
+    "diffusion_sampling": r_diffusion, "stgp_speed": r_stgp, "stgp_scaling": r_stgp_scaling, "mkl_dispatch": r_mkl_dispatch, "quickstart": r_quickstart, "sweeps": r_sweeps,
 }
 
 
