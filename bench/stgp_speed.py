@@ -80,7 +80,8 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
     n = p.num_nodes
     model.set_stage(kind)
     params = model.parameters_for(kind)
-    opt = torch.optim.Adam(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, fused=True) if kind == "pretrain" \
+        else torch.optim.Adam(params, lr=1e-3)  # as stgray.engines.stgp's stages
     gen = torch.Generator().manual_seed(0)
     times, cpu = [], []
     cache = None
