@@ -59,15 +59,11 @@ def _source_revision() -> str | None:
         return None
 
 
-def _mkl_dispatch() -> dict:
-    from stgray.nn import mkl_dispatch
-
-    return mkl_dispatch.status()
-
-
 def machine_info() -> dict:
     import numpy
     import torch
+
+    from stgray.nn import mkl_dispatch
 
     try:
         import ray
@@ -86,7 +82,7 @@ def machine_info() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "numpy": numpy.__version__, "ray": ray_v, "loadavg": os.getloadavg(),
             "cuda": torch.cuda.is_available(), "revision": _source_revision(),
-            "mkl_avx512_dispatch": _mkl_dispatch()}
+            "mkl_avx512_dispatch": mkl_dispatch.status()}
 
 
 def config_hash(obj: Any) -> str:

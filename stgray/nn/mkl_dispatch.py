@@ -5,9 +5,8 @@ whatever the CPU supports. torch's wheels link MKL into ``libtorch_cpu.so`` and 
 vendor check, ``mkl_serv_intel_cpu_true``; making it return 1 lets MKL choose by the CPU's
 features as it does on Intel (the same effect as the well-known ``LD_PRELOAD`` "fakeintel"
 shim, without a compiler or an environment variable that must reach every Ray worker).
-Measured on this project's 2-core AMD EPYC (Zen 5): sgemm 2048^3 175 -> 375 GFLOP/s,
-(41400 x 128) x (128 x 128) 145 -> 200; STGP pre-training step 16% and domain-prompting
-step 23% faster.
+Measured on this project's 2-core AMD EPYC (Zen 5) by ``bench.mkl_dispatch``: sgemm 2.1-2.4x
+(2048^3: 185 -> 429 GFLOP/s), fp32 STGP pre-training step 1.29x.
 
 MKL reads the vendor once, at its first product: :func:`enable` must run before the
 process's first matrix product (``stgray.nn`` calls it on import). It does nothing
@@ -45,6 +44,12 @@ def _cpu_flags() -> tuple[str, set[str]]:
     return vendor, flags
 
 
+def applies() -> bool:
+    """True on AMD CPUs with AVX-512 (where MKL would otherwise run its AVX2 kernels)."""
+    vendor, flags = _cpu_flags()
+    return vendor == "AuthenticAMD" and "avx512f" in flags
+
+
 def _patch(addr: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -67,9 +72,8 @@ def enable() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _state["reason"] = f"not x86-64 Linux ({platform.system()} {platform.machine()})"
         return False
-    vendor, flags = _cpu_flags()
-    if vendor != "AuthenticAMD" or "avx512f" not in flags:
-        _state["reason"] = f"not needed ({vendor or 'unknown vendor'}, avx512f={'avx512f' in flags})"
+    if not applies():
+        _state["reason"] = f"not needed ({_cpu_flags()[0] or 'unknown vendor'} CPU without AVX-512 or not AMD)"
         return False
     try:
         import torch

@@ -21,7 +21,8 @@ fp32 products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``) when it
 on this project's AMD EPYC CPUs it runs the forward and input-gradient products of the
 Transformer layers 10-70% faster than MKL's AVX2 sgemm. Weight gradients stay on MKL (faster
 there). With MKL's AVX-512 kernels enabled (:mod:`stgray.nn.mkl_dispatch`) the two paths
-are equally fast (pre-training step, interleaved A/B: within 3%). bf16 products go through oneDNN anyway (``F.linear``).
+are equally fast (pre-training step, interleaved A/B: within 3%). bf16 products go through
+oneDNN anyway (``F.linear``).
 """
 
 from __future__ import annotations
