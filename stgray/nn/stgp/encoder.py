@@ -415,10 +415,11 @@ class STGPEncoder(nn.Module):
         # Patch embedding of visible cells only (Conv1d over the L steps of a patch).
         patches = x.reshape(B * N * P, L).index_select(0, cells)
         e = F.linear(patches, self.patch_embed.weight.view(d, L), self.patch_embed.bias)
-        te = time[b, p]
+        # index_select, not t[idx]: its backward (index_add_) is ~6x faster than index_put's
+        te = time.reshape(B * P, d).index_select(0, b * P + p)
 
         # Temporal branch: per node, its visible patches (already contiguous in canonical order).
-        tin = self.domain_temporal(e + self.pos_embed[p] + te)
+        tin = self.domain_temporal(e + self.pos_embed.index_select(0, p) + te)
         tp = _packing(cells // P, None)
         h = tp.pack(tin)
         am = tp.key_valid()[:, None, None, :] if tp.padded else None
@@ -428,7 +429,7 @@ class STGPEncoder(nn.Module):
         t_out = tp.unpack(self.temporal_norm(h.float()))
 
         # Spatial branch: per patch, its visible nodes (Graphormer degree + bias).
-        sin = self.domain_spatial(e + self.graph_bias.degree_embedding(graph)[n] + te)
+        sin = self.domain_spatial(e + self.graph_bias.degree_embedding(graph).index_select(0, n) + te)
         key = (b * P + p) * N + n
         order = torch.argsort(key)
         sp = _packing(key[order] // N, order)
