@@ -155,13 +155,19 @@ class GraphormerBias(nn.Module):
         top = self.max_degree - 1
         return self.in_degree(g.in_degree.clamp(0, top)) + self.out_degree(g.out_degree.clamp(0, top))
 
-    def bias(self, g: STGraph) -> Tensor:
-        """(H, N, N) float."""
-        w = g.weight[None]
-        on_edge = self.edge_scale[:, None, None] * w + self.edge_bias[:, None, None]
-        b = torch.where(g.edge[None], on_edge, self.no_edge_bias[:, None, None])
-        eye = torch.eye(g.num_nodes, dtype=torch.bool, device=w.device)[None]
-        return torch.where(eye, self.self_bias[:, None, None], b)
+    def bias(self, g: STGraph, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+        """(H, N, N) float; with broadcastable node indices ``rows``, ``cols``: (H, *shape) of
+        the bias between those node pairs, computed at the pairs (no (H, N, N) gather: the
+        parameters' gradients come from sums, not a scatter)."""
+        if rows is None:
+            w, e = g.weight, g.edge
+            eye = torch.eye(g.num_nodes, dtype=torch.bool, device=w.device)
+        else:
+            w, e, eye = g.weight[rows, cols], g.edge[rows, cols], rows == cols
+        par = [t.view(-1, *([1] * w.dim())) for t in (self.edge_scale, self.edge_bias, self.no_edge_bias,
+                                                       self.self_bias)]
+        b = torch.where(e, par[0] * w + par[1], par[2])
+        return torch.where(eye, par[3], b)
 
 
 # --- transformer ------------------------------------------------------------------------
@@ -459,22 +465,22 @@ class STGPEncoder(nn.Module):
         """Float attention mask: the Graphormer bias between the nodes of each set, -inf at
         padding. (1, H, Nv, Nv) when every set has the same nodes (forecasting, kriging),
         (B, 1, H, Nv, Nv) when each sample's sets do (pre-training masks), else (S, H, Lm, Lm)."""
-        bias = self.graph_bias.bias(graph)  # (H, N, N)
+        gb = self.graph_bias
         S, Lm = sp.counts.shape[0], sp.length
         slots = nodes.new_zeros(S, Lm).index_put((sp.seq, sp.pos), nodes)  # node at each slot
         if not sp.padded:
             if bool((slots == slots[:1]).all()):
                 idx = slots[0]
-                return bias.index_select(1, idx).index_select(2, idx)[None]
+                return gb.bias(graph, idx[:, None], idx[None, :])[None]
             per_sample = torch.unique_consecutive(sp.keys // num_patches, return_counts=True)[1]
             k = int(per_sample[0])
             if bool((per_sample == k).all()):
                 grouped = slots.view(-1, k, Lm)
                 if bool((grouped == grouped[:, :1]).all()):
                     idx = grouped[:, 0]  # (G, Lm)
-                    m = bias[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)  # (G, H, Lm, Lm)
+                    m = gb.bias(graph, idx[:, :, None], idx[:, None, :]).transpose(0, 1)  # (G, H, Lm, Lm)
                     return m[:, None]
-        m = bias[:, slots[:, :, None], slots[:, None, :]].transpose(0, 1)  # (S, H, Lm, Lm)
+        m = gb.bias(graph, slots[:, :, None], slots[:, None, :]).transpose(0, 1)  # (S, H, Lm, Lm)
         if sp.padded:
             pad = torch.zeros(S, Lm, dtype=m.dtype, device=m.device)
             pad = pad.masked_fill(~sp.key_valid(), -math.inf)

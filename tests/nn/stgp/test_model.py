@@ -88,6 +88,9 @@ def test_graphormer_bias_from_weighted_adjacency():
     b3 = a.clone()
     b3[4, 4] = 5.0
     assert torch.equal(gb.bias(STGraph.from_adj(b3)), bias)
+    # at given node pairs (sets of nodes, as the spatial branch asks): the same entries
+    idx = torch.tensor([[3, 0, 2], [5, 5, 1]])
+    assert torch.equal(gb.bias(g, idx[:, :, None], idx[:, None, :]), bias[:, idx[:, :, None], idx[:, None, :]])
 
 
 def test_degrees_beyond_the_table_and_odd_weights_do_not_crash():
