@@ -10,8 +10,21 @@ from typing import Any
 import torch
 
 from stgray.engines.ray_utils import ray_storage, resolve_use_gpu
-from stgray.errors import IntegrityError
-from stgray.gpdiff.diffusion import resolve_device  # noqa: F401  (re-exported for the engines)
+from stgray.errors import ConfigError, IntegrityError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; refuses cuda when there is none. (Here, not beside
+    the diffusion code: STGP processes then never import diffusers, ~90 MB resident.)"""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{spec}'", field="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA requested but not available", field="device")
+    return dev
 
 
 def keep_freed_memory(threshold_bytes: int = 32 << 20) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stgray.config import StageConfig
+from stgray.engines.common import resolve_device  # noqa: F401  (re-exported)
 from stgray.errors import ConfigError
 from stgray.gpdiff.tokenizer import TokenizerConfig, TokenLayout
 from stgray.nn.gpdiff.denoiser import GPDiffDenoiser
@@ -88,19 +89,6 @@ class DiffusionConfig(StageConfig):
 # ------------------------------------------------------------------------------------
 # construction
 # ------------------------------------------------------------------------------------
-def resolve_device(spec: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; refuses cuda when there is none."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{spec}'", field="device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA requested but not available", field="device")
-    return dev
-
-
 def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """Training-time DDPM scheduler (``add_noise``, ``get_velocity``, ``alphas_cumprod``)."""
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
