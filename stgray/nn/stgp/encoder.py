@@ -236,9 +236,9 @@ class EncoderLayer(nn.Module):
     the unfused attention path and two more CPU random draws per layer.
 
     The products run in the fused functions of :mod:`stgray.nn.stgp.kernels` (LayerNorm +
-    linear and GELU + linear keep their inputs only; a trained attention bias recomputes the
-    probabilities in the backward pass), and the dropout scale is folded into the
-    residual branch's output weights.
+    linear and GELU + linear keep their inputs only; attention under autograd keeps its
+    probabilities and takes the Graphormer bias's gradient, without autograd it is SDPA's
+    fused kernel), and the dropout scale is folded into the residual branch's output weights.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
@@ -263,12 +263,15 @@ class EncoderLayer(nn.Module):
         qkv = LNLinear.apply(x, n1.weight.to(x.dtype), n1.bias.to(x.dtype), n1.eps,
                              self.qkv.weight.to(dt), self.qkv.bias.to(dt))
         q, k, v = qkv.view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
-            # trained Graphormer bias (pre-training): fused forward, probabilities recomputed
-            # in the backward pass instead of kept
+        if torch.is_grad_enabled() and (qkv.requires_grad or (attn_mask is not None and attn_mask.requires_grad)):
+            # training: plain products keeping the probabilities (faster than SDPA's fused
+            # kernel at these sizes, forward + backward; bias gradient for the Graphormer bias)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                    ~attn_mask, float("-inf"))
             a = BiasedAttention.apply(q, k, v, attn_mask)
         elif q.dtype == torch.float32:
-            # SDPA's fused CPU kernel; its bf16 backward is ~10x slower than the plain ops below
+            # inference: SDPA's fused CPU kernel
             a = sdpa(q, k, v, attn_mask)
         else:
             if attn_mask is not None and attn_mask.dim() == 5:  # (G, 1, H, L, L): G groups of sets
