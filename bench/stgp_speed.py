@@ -19,8 +19,14 @@ OpenMP threads spin while they wait by default; on a shared machine that turns a
 pre-training step into 10-17 s (load ~5 on 2 cores). The phases run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (recorded in the results).
 
+The pre-training phases run in the environment of the stage's Ray Train workers
+(``stgray.engines.common.training_env``: Ray's jemalloc preloaded, a short OpenMP spin before
+threads sleep); ``--system-env`` runs them like the other phases (glibc malloc, no spin).
+The prompt stages run in the pipeline's driver process: their phases never get it. Each
+phase records its allocator and ``GOMP_SPINCOUNT``.
+
     python -m bench.stgp_speed [--quick] [--steps N] [--threads 2] [--phases pretrain,domain,...]
-        [--omp-wait-policy PASSIVE] [--out PATH] -> bench/results/stgp_speed.json
+        [--omp-wait-policy PASSIVE] [--system-env] [--out PATH] -> bench/results/stgp_speed.json
 
 ``--quick``: 4 timed steps per phase instead of 12; ``--steps`` sets the count directly
 (the quick plan of ``bench.run`` uses ``--quick --steps 2`` on four phases: a smoke check).
@@ -68,7 +74,7 @@ def _setup(batch: int, threads: int = 2, bf16: bool = False):
 def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None:
     import torch
 
-    from stgray.engines.common import peak_rss_gb
+    from stgray.engines.common import allocator, peak_rss_gb
     from stgray.nn import mkl_dispatch
     from stgray.nn.stgp.model import count_parameters, masked_mae
 
@@ -121,7 +127,8 @@ def _phase(name: str, steps: int, batch: int, threads: int, q: mp.Queue) -> None
            "peak_rss_gb": peak_rss_gb(),
            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-           "mkl_avx512_dispatch": mkl_dispatch.status()["enabled"]}
+           "mkl_avx512_dispatch": mkl_dispatch.status()["enabled"],
+           "allocator": allocator(), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
     if kind == "task":
         out["encode_once_s"] = encode_s
     q.put(out)
@@ -179,6 +186,8 @@ def main(argv=None) -> dict:
                     help="OMP_WAIT_POLICY of the phase processes ('' = leave as is). libgomp's default "
                          "spin-wait makes 2-thread steps 3-5x slower (and erratic) when other jobs load the "
                          "machine; PASSIVE costs little on an idle one")
+    ap.add_argument("--system-env", action="store_true",
+                    help="pre-training phases without the training workers' environment (jemalloc, OpenMP spin)")
     ap.add_argument("--out", default="bench/results/stgp_speed.json")
     a = ap.parse_args(argv)
     steps = a.steps or (4 if a.quick else 12)
@@ -188,6 +197,7 @@ def main(argv=None) -> dict:
     if a.omp_wait_policy:  # read by the OpenMP runtime at start-up: set before spawning
         os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy
     from bench.common import command_line, machine_info, now_iso, write_result
+    from stgray.engines.common import training_env
 
     ctx = mp.get_context("spawn")
     rows = []
@@ -196,14 +206,24 @@ def main(argv=None) -> dict:
     for name in names:
         q = ctx.Queue()
         proc = ctx.Process(target=_phase, args=(name, steps, 8, a.threads, q))
-        proc.start()
+        extra = training_env() if name.startswith("pretrain") and not a.system_env else {}
+        saved = {k: os.environ.get(k) for k in extra}
+        os.environ.update(extra)  # read when the child starts (spawn)
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         rows.append(q.get(timeout=1800))
         proc.join()
         print(json.dumps(rows[-1]), flush=True)
     summary, met = summarise({r["phase"]: r for r in rows})
     mode = "quick" if a.quick or a.steps else "full"
     config = {"steps": steps, "batch": 8, "threads": a.threads, "phases": names,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "pretrain_worker_env": not a.system_env}
     res = {"machine": machine_info(), "config": config,
            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "reference": REFERENCE, "targets": TARGETS,

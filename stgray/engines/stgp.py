@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -31,8 +32,8 @@ from pydantic import Field
 from stgray.config import StageConfig
 from stgray.data.prepare import Prepared, deseasonalise, load_prepared
 from stgray.engines import ray_utils
-from stgray.engines.common import (amp_enabled, keep_freed_memory, peak_rss_gb, resolve_device, run_config,
-                                   scaling, tensors_from_bytes, tensors_to_bytes)
+from stgray.engines.common import (allocator, amp_enabled, keep_freed_memory, peak_rss_gb, resolve_device, run_config,
+                                   scaling, tensors_from_bytes, tensors_to_bytes, training_env)
 from stgray.eval.metrics import forecast_metrics
 from stgray.nn import mkl_dispatch
 from stgray.nn.stgp.model import STGPModel, STGPModelConfig, count_parameters, masked_mae
@@ -220,7 +221,9 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
                "resumed": bool(ckpt), "worker_nodes": nodes,
                "windows_per_s": n_win * world / train_s, "train_seconds": train_s,
                "worker_peak_rss_gb": _gathered(peak_rss_gb(), world),
-               "worker_mkl_avx512": _gathered(mkl_dispatch.status()["enabled"], world)}
+               "worker_mkl_avx512": _gathered(mkl_dispatch.status()["enabled"], world),
+               "worker_allocator": _gathered(allocator(), world),
+               "worker_gomp_spincount": _gathered(os.environ.get("GOMP_SPINCOUNT"), world)}
         history.append(rec)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -272,7 +275,8 @@ def run_stgp_pretrain(store, cfg: STGPPretrainConfig, prepared_ids: list[str],
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "store": store.url, "prepared": prepared_ids,
                            "fault": fault},
         scaling_config=scaling(cfg.num_workers, cfg.use_gpu, cfg.placement_strategy, cfg.cpus_per_worker),
-        run_config=run_config(store, f"stgp-pretrain-{aid.split('/')[1]}", cfg.max_failures),
+        run_config=run_config(store, f"stgp-pretrain-{aid.split('/')[1]}", cfg.max_failures,
+                              worker_env=training_env()),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -1,15 +1,18 @@
 """stgray.engines.common: pieces every engine shares."""
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
+from stgray.engines.common import JEMALLOC_CONF, TRAINING_SPINCOUNT, jemalloc_path, training_env
+
 # a few STGP pre-training steps at the reference width; prints page faults per step
 _STEPS = """
 import resource, sys, torch
-from stgray.engines.common import keep_freed_memory
+from stgray.engines.common import allocator, keep_freed_memory
 from stgray.nn.stgp.model import STGPModel, STGPModelConfig, masked_mae
 from stgray.nn.stgp.template import PatchTemplate
 ok = keep_freed_memory() if sys.argv[1] == "keep" else None
@@ -28,7 +31,7 @@ step()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
     step()
-print(ok, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 3)
+print(ok, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 3, allocator())
 """
 
 
@@ -36,10 +39,32 @@ print(ok, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 3)
 def test_keep_freed_memory_cuts_page_faults_of_training_steps():
     def faults(mode: str) -> tuple[str, int]:
         out = subprocess.run([sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True)
-        ok, n = out.stdout.split()
+        ok, n, _ = out.stdout.split()
         return ok, int(n)
 
     ok, kept = faults("keep")
     _, default = faults("default")
     assert ok == "True"
     assert kept < default / 2, (kept, default)  # measured: ~7k vs ~27k faults per step
+
+
+@pytest.mark.skipif(jemalloc_path() is None, reason="no jemalloc bundled with ray here")
+def test_training_env_preloads_jemalloc_that_keeps_freed_pages(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    env = training_env()
+    assert env["GOMP_SPINCOUNT"] == TRAINING_SPINCOUNT and env["MALLOC_CONF"] == JEMALLOC_CONF
+
+    def run(extra: dict) -> tuple[int, str]:
+        out = subprocess.run([sys.executable, "-c", _STEPS, "default"], capture_output=True, text=True, check=True,
+                             env={**os.environ, **extra})
+        _, n, alloc = out.stdout.split()
+        return int(n), alloc
+
+    with_jemalloc, alloc = run(env)
+    default, system = run({})
+    assert (alloc, system) == ("jemalloc", "system")
+    assert with_jemalloc < default / 2, (with_jemalloc, default)  # freed pages are reused, not faulted again
+    monkeypatch.setenv("STGRAY_JEMALLOC", "0")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    assert training_env() == {"GOMP_SPINCOUNT": "7"}

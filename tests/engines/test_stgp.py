@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from stgray.data.ingest import import_city
 from stgray.data.prepare import PrepareConfig, prepare_to_store
 from stgray.engines.stgp import (STGPPretrainConfig, STGPPromptConfig, frozen_fingerprint, hourly_model,
                                  load_pretrained, run_stgp_domain, run_stgp_pretrain, run_stgp_task)
-from stgray.engines.common import tensors_from_bytes
+from stgray.engines.common import TRAINING_SPINCOUNT, jemalloc_path, tensors_from_bytes, training_env
 from stgray.nn import mkl_dispatch
 
 TINY = hourly_model(d_model=32, ffn_dim=64, temporal_depth=1, spatial_depth=1, decoder_blocks=1,
@@ -50,6 +51,13 @@ def test_pretrain_prompt_all_tasks(ray_session, prepared_pair, s3_store):
     # MKL's AVX-512 dispatch (AMD CPUs with AVX-512) is live in the Ray Train workers too
     amd512 = mkl_dispatch.applies()
     assert all(h["worker_mkl_avx512"] == [amd512, amd512] for h in hist)
+    # the workers start with the training environment: Ray's jemalloc, a short OpenMP spin
+    env = training_env()
+    assert env["GOMP_SPINCOUNT"] == os.environ.get("GOMP_SPINCOUNT", TRAINING_SPINCOUNT)
+    alloc = "jemalloc" if "LD_PRELOAD" in env else "system"
+    assert alloc == "jemalloc" or not jemalloc_path() or os.environ.get("STGRAY_JEMALLOC") == "0"
+    assert all(h["worker_allocator"] == [alloc, alloc] for h in hist)
+    assert all(h["worker_gomp_spincount"] == [env["GOMP_SPINCOUNT"]] * 2 for h in hist)
     assert run_stgp_pretrain(s3_store, cfg, [ps]) == (pid, True)
 
     pcfg = STGPPromptConfig(domain_epochs=2, task_epochs=2, finetune_epochs=1, pseudo_draws=1)
