@@ -211,19 +211,20 @@ class BiasedAttention(torch.autograd.Function):
     """``softmax(q k^T * scale + bias) v`` for q, k, v (S, H, L, dh), with a bias gradient.
 
     ``bias``: None, or float, broadcastable to (S, H, L, L), or (G, 1, H, L, L): one bias per
-    group of S / G consecutive sets. Short sets (L <= dh) keep their (S, H, L, L)
-    probabilities for the backward pass, no larger than the output SDPA's fused kernel
-    keeps, and faster forward + backward (fp32, in-process A/B, temporal sets (824, 4, 13,
-    32): 15.1 vs 19.2 ms). Long sets keep only q, k, v, the bias, and recompute the
-    probabilities in the backward pass, their forward in SDPA's fused kernel in fp32 (once
-    per group with a 5-D bias, which then broadcasts over the group's sets). Keeping them
-    would be faster there too (spatial sets (104, 4, 103, 32): 20.5 vs 28.2 ms) but costs
-    17.6 MB per layer at the reference sizes, past the peak-memory budget."""
+    group of S / G consecutive sets. Up to ``KEEP_PROBS_BYTES`` of (S, H, L, L) probabilities
+    are kept for the backward pass: faster than SDPA's fused kernel, which keeps its output
+    and recomputes them (fp32 fwd + bwd, in-process A/B at the reference sizes: temporal sets
+    (824, 4, 13, 32) 15.1 vs 19.2 ms, keeping 2.2 MB instead of 5.5; spatial sets
+    (104, 4, 103, 32) with a grouped bias 20.5 vs 28.2 ms, keeping 17.6 MB). Larger ones
+    (big graphs) keep only q, k, v and the bias and recompute the probabilities, their
+    forward in SDPA's fused kernel in fp32 (once per group with a 5-D bias)."""
+
+    KEEP_PROBS_BYTES = 64 << 20
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         groups = bias.shape[0] if bias is not None and bias.dim() == 5 else 0
-        keep = q.shape[-2] <= q.shape[-1]
+        keep = q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.element_size() <= BiasedAttention.KEEP_PROBS_BYTES
         with _NoAutocast(q):
             if not keep and q.dtype == torch.float32:
                 out = sdpa(q, k, v, None if bias is None else bias.to(q.dtype))

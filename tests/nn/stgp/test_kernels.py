@@ -63,10 +63,11 @@ def _plain_attention(q, k, v, bias):
     return (p @ v).reshape(s, h, n, dh)
 
 
-@pytest.mark.parametrize("dh", [4, 8])  # L = 5 > 4: probabilities recomputed; <= 8: kept
+@pytest.mark.parametrize("keep", [True, False])  # probabilities kept / recomputed
 @pytest.mark.parametrize("kind", ["grouped", "shared", "per_set_padded"])
-def test_biased_attention_matches_plain_ops(kind, dh):
-    S, H, L = 6, 2, 5
+def test_biased_attention_matches_plain_ops(kind, keep, monkeypatch):
+    S, H, L, dh = 6, 2, 5, 4
+    monkeypatch.setattr(BiasedAttention, "KEEP_PROBS_BYTES", 1 << 20 if keep else 0)
     q, k, v = _leaves((S, H, L, dh), (S, H, L, dh), (S, H, L, dh))
     shape = {"grouped": (3, 1, H, L, L), "shared": (1, H, L, L), "per_set_padded": (S, H, L, L)}[kind]
     (bias,) = _leaves(shape, seed=3)
@@ -79,9 +80,10 @@ def test_biased_attention_matches_plain_ops(kind, dh):
     _same(BiasedAttention.apply(q, k, v, bias_in), _plain_attention(q, k, v, bias_in), [q, k, v, bias])
 
 
-@pytest.mark.parametrize("dh", [4, 8])
-def test_attention_without_bias_matches_sdpa(dh):
-    q, k, v = _leaves((6, 2, 5, dh), (6, 2, 5, dh), (6, 2, 5, dh))
+@pytest.mark.parametrize("keep", [True, False])
+def test_attention_without_bias_matches_sdpa(keep, monkeypatch):
+    monkeypatch.setattr(BiasedAttention, "KEEP_PROBS_BYTES", 1 << 20 if keep else 0)
+    q, k, v = _leaves((6, 2, 5, 4), (6, 2, 5, 4), (6, 2, 5, 4))
     _same(BiasedAttention.apply(q, k, v, None), F.scaled_dot_product_attention(q, k, v), [q, k, v])
 
 
