@@ -80,7 +80,16 @@ def mm_dx_add_(acc: Tensor, g2: Tensor, w: Tensor) -> Tensor:
 
 
 def mm_dw(g2: Tensor, x2: Tensor) -> Tensor:
-    """``g2.T @ x2`` (the weight gradient of a linear layer) for 2-D g2, x2."""
+    """``g2.T @ x2`` (the weight gradient of a linear layer) for 2-D g2, x2.
+
+    Thin and tall on the CPU (a small weight over many rows: the decoder's (41400, 32) x
+    (41400, 32)) as one batched product over a block of rows per thread, then a sum: MKL's
+    own product barely uses the second thread there (0.31 vs 0.21 ms at 2 threads)."""
+    n, t = g2.shape[0], torch.get_num_threads()
+    if t > 1 and g2.device.type == "cpu" and n >= 8192 and g2.shape[1] * x2.shape[1] <= 64 * 64:
+        m = n // t * t
+        out = torch.bmm(g2[:m].reshape(t, -1, g2.shape[1]).transpose(1, 2), x2[:m].reshape(t, -1, x2.shape[1])).sum(0)
+        return out.addmm_(g2[m:].t(), x2[m:]) if m < n else out
     return g2.t() @ x2
 
 

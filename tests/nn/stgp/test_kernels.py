@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from stgray.nn.stgp import STGPModel, STGPModelConfig, STGraph
 from stgray.nn.stgp.decoder import GatedSTLayer
 from stgray.nn.stgp.encoder import EncoderLayer, FastDropout
-from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear,
+from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear, mm_dw,
                                    ReluMLP)
 from .test_model import ring_adj
 
@@ -264,3 +264,14 @@ def test_prompted_input_matches_prompt_then_input():
                 assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum())
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_product_of_tall_thin_inputs():
+    g, x = torch.randn(10001, 32, dtype=torch.float64), torch.randn(10001, 24, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):  # blocks of rows per thread (and a remainder for 2 of them)
+            torch.set_num_threads(t)
+            torch.testing.assert_close(mm_dw(g.float(), x.float()).double(), g.t() @ x, rtol=1e-4, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
