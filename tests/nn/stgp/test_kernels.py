@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from stgray.nn.stgp import STGPModel, STGPModelConfig, STGraph
 from stgray.nn.stgp.decoder import GatedSTLayer
 from stgray.nn.stgp.encoder import EncoderLayer, FastDropout
-from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear, mm_dw,
-                                   ReluMLP)
+from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear, ReluMLP,
+                                   mm_dw, softmax_)
 from .test_model import ring_adj
 
 
@@ -275,3 +275,10 @@ def test_weight_gradient_product_of_tall_thin_inputs():
             torch.testing.assert_close(mm_dw(g.float(), x.float()).double(), g.t() @ x, rtol=1e-4, atol=1e-3)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n", [5, 13, 40])
+def test_softmax_in_place_matches_torch(n):
+    x = torch.randn(30, 3, n) * 4
+    x[0, 0, : n // 2] = -math.inf  # masked keys
+    torch.testing.assert_close(softmax_(x.clone()), torch.softmax(x, -1))
