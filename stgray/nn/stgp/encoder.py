@@ -267,7 +267,7 @@ class EncoderLayer(nn.Module):
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
                     ~attn_mask, float("-inf"))
-            a = BiasedAttention.apply(q, k, v, attn_mask)
+            a = BiasedAttention.apply(qkv.view(s, n, 3, h, d // h), attn_mask)
         elif q.dtype == torch.float32:
             # inference: SDPA's fused CPU kernel
             a = sdpa(q, k, v, attn_mask)

@@ -8,9 +8,9 @@ passes over memory it makes:
   LayerNorm(x) (recomputed in the backward pass: one cheap pass).
 - :class:`GeluLinear`: ``gelu(u) W^T + b``. Keeps u, not gelu(u).
 - :class:`Linear`: ``x W^T + b``.
-- :class:`BiasedAttention`: ``softmax(q k^T / sqrt(dh) + bias) v`` with a gradient for the
-  bias (the Graphormer bias, trained in pre-training), or without a bias. Keeps q, k, v and
-  the (sets, heads, L, L) probabilities.
+- :class:`BiasedAttention`: ``softmax(q k^T / sqrt(dh) + bias) v`` on the packed q, k, v
+  projection, with a gradient for the bias (the Graphormer bias, trained in pre-training),
+  or without a bias. Keeps q, k, v head-major and the (sets, heads, L, L) probabilities.
 - :class:`ReluMLP`: the decoder head ``relu(relu(x) W1^T + b1) W2^T + b2``. Keeps x only.
 - :class:`DropoutAdd`: ``x + dropout(y)`` (scale folded upstream). Keeps the bool mask.
 - :class:`GatedMix`: the decoder gate ``h = g * gelu(s) + (1 - g) * gelu(t)``,
@@ -217,21 +217,25 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class BiasedAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale + bias) v`` for q, k, v (S, H, L, dh), with a bias gradient.
+    """``softmax(q k^T * scale + bias) v`` on the packed projection ``qkv`` (S, L, 3, H, dh)
+    (q, k, v = qkv[:, :, i] as (S, H, L, dh)), with a bias gradient. Returns (S, H, L, dh).
 
     ``bias``: None, or float, broadcastable to (S, H, L, L), or (G, 1, H, L, L): one bias per
-    group of S / G consecutive sets. Up to ``KEEP_PROBS_BYTES`` of (S, H, L, L) probabilities
-    are kept for the backward pass: faster than SDPA's fused kernel, which keeps its output
-    and recomputes them (fp32 fwd + bwd, in-process A/B at the reference sizes: temporal sets
-    (824, 4, 13, 32) 15.1 vs 19.2 ms, keeping 2.2 MB instead of 5.5; spatial sets
-    (104, 4, 103, 32) with a grouped bias 20.5 vs 28.2 ms, keeping 17.6 MB). Larger ones
-    (big graphs) keep only q, k, v and the bias and recompute the probabilities, their
-    forward in SDPA's fused kernel in fp32 (once per group with a 5-D bias)."""
+    group of S / G consecutive sets. q, k, v are kept head-major (the copies the products
+    need anyway; the projection's output is then freed), and the backward pass writes the
+    gradient straight into the projection's layout (no stack, no second copy). Up to
+    ``KEEP_PROBS_BYTES`` of (S, H, L, L) probabilities are kept too: faster than SDPA's fused
+    kernel, which keeps its output and recomputes them (fp32 fwd + bwd, in-process A/B at the
+    reference sizes: temporal sets (824, 4, 13, 32) 15.1 vs 19.2 ms, keeping 2.2 MB instead
+    of 5.5; spatial sets (104, 4, 103, 32) with a grouped bias 20.5 vs 28.2 ms, keeping
+    17.6 MB). Larger ones (big graphs) are recomputed in the backward pass, their forward
+    in SDPA's fused kernel in fp32 (once per group with a 5-D bias)."""
 
     KEEP_PROBS_BYTES = 64 << 20
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, qkv: Tensor, bias: Tensor | None) -> Tensor:
+        q, k, v = (t.contiguous() for t in qkv.permute(2, 0, 3, 1, 4))  # (S, H, L, dh) each
         groups = bias.shape[0] if bias is not None and bias.dim() == 5 else 0
         keep = q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.element_size() <= BiasedAttention.KEEP_PROBS_BYTES
         with _NoAutocast(q):
@@ -248,19 +252,23 @@ class BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go: Tensor):
         q, k, v, p = ctx.saved_tensors
-        nq, nk, nv, nb = ctx.needs_input_grad
+        nqkv, nb = ctx.needs_input_grad
         scale, groups = q.shape[-1] ** -0.5, ctx.groups
+        gqkv = gb = None
         with _NoAutocast(go):
             if not ctx.keep:
                 p = _probs(q, k, p, groups)  # p held the bias
             gog, qg, kg, vg = (_grouped(t, groups) for t in (go.to(q.dtype), q, k, v))
-            gv = torch.matmul(p.transpose(-1, -2), gog).view(v.shape) if nv else None
             gs = torch._softmax_backward_data(torch.matmul(gog, vg.transpose(-1, -2)), p, -1, p.dtype)
-            del p
-            gq = torch.matmul(gs, kg).mul_(scale).view(q.shape) if nq else None
-            gk = torch.matmul(gs.transpose(-1, -2), qg).mul_(scale).view(k.shape) if nk else None
+            if nqkv:
+                S, H, L, dh = q.shape
+                gqkv = q.new_empty(S, L, 3, H, dh)
+                out = gqkv.permute(2, 0, 3, 1, 4)  # (3, S, H, L, dh) views of the packed gradient
+                out[0].copy_(torch.matmul(gs, kg).mul_(scale).view(q.shape))
+                out[1].copy_(torch.matmul(gs.transpose(-1, -2), qg).mul_(scale).view(k.shape))
+                out[2].copy_(torch.matmul(p.transpose(-1, -2), gog).view(v.shape))
             gb = gs.sum_to_size(ctx.bias[0]).to(ctx.bias[1]) if nb else None
-        return gq, gk, gv, gb
+        return gqkv, gb
 
 
 def _probs(q: Tensor, k: Tensor, bias: Tensor | None, groups: int) -> Tensor:

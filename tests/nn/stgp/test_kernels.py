@@ -77,14 +77,19 @@ def test_biased_attention_matches_plain_ops(kind, keep, monkeypatch):
         bias_in = bias + pad
     else:
         bias_in = bias
-    _same(BiasedAttention.apply(q, k, v, bias_in), _plain_attention(q, k, v, bias_in), [q, k, v, bias])
+    _same(BiasedAttention.apply(_packed(q, k, v), bias_in), _plain_attention(q, k, v, bias_in), [q, k, v, bias])
+
+
+def _packed(q, k, v):
+    """(S, H, L, dh) x 3 -> the projection's layout (S, L, 3, H, dh)."""
+    return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4)
 
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_attention_without_bias_matches_sdpa(keep, monkeypatch):
     monkeypatch.setattr(BiasedAttention, "KEEP_PROBS_BYTES", 1 << 20 if keep else 0)
     q, k, v = _leaves((6, 2, 5, 4), (6, 2, 5, 4), (6, 2, 5, 4))
-    _same(BiasedAttention.apply(q, k, v, None), F.scaled_dot_product_attention(q, k, v), [q, k, v])
+    _same(BiasedAttention.apply(_packed(q, k, v), None), F.scaled_dot_product_attention(q, k, v), [q, k, v])
 
 
 def test_biased_attention_bf16_close_to_fp32():
@@ -92,7 +97,7 @@ def test_biased_attention_bf16_close_to_fp32():
     (bias,) = _leaves((2, 1, 2, 6, 6), seed=4)
     ref = _plain_attention(q, k, v, bias)
     lo = [t.detach().bfloat16().requires_grad_() for t in (q, k, v, bias)]
-    out = BiasedAttention.apply(*lo)
+    out = BiasedAttention.apply(_packed(*lo[:3]), lo[3])
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
     for a, b in zip(_grads(out.float(), lo), _grads(ref, [q, k, v, bias])):
         torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1)
