@@ -39,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+from unittest import mock
 
 REFERENCE = {"pretrain_windows_per_s": 2.45, "pretrain_s_per_step": 3.3, "pretrain_peak_gb": 3.6,
              "domain_s_per_step": 3.4, "task_windows_per_s": 1.04, "task_s_per_step": 7.7}
@@ -207,16 +208,8 @@ def main(argv=None) -> dict:
         q = ctx.Queue()
         proc = ctx.Process(target=_phase, args=(name, steps, 8, a.threads, q))
         extra = training_env() if name.startswith("pretrain") and not a.system_env else {}
-        saved = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)  # read when the child starts (spawn)
-        try:
+        with mock.patch.dict(os.environ, extra):  # read when the child starts (spawn)
             proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         rows.append(q.get(timeout=1800))
         proc.join()
         print(json.dumps(rows[-1]), flush=True)

@@ -44,9 +44,10 @@ def _cpu_flags() -> tuple[str, set[str]]:
     return vendor, flags
 
 
-def applies() -> bool:
-    """True on AMD CPUs with AVX-512 (where MKL would otherwise run its AVX2 kernels)."""
-    vendor, flags = _cpu_flags()
+def applies(cpu: tuple[str, set[str]] | None = None) -> bool:
+    """True on AMD CPUs with AVX-512 (where MKL would otherwise run its AVX2 kernels);
+    ``cpu``: (vendor, flags) when already read."""
+    vendor, flags = cpu or _cpu_flags()
     return vendor == "AuthenticAMD" and "avx512f" in flags
 
 
@@ -72,8 +73,9 @@ def enable() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _state["reason"] = f"not x86-64 Linux ({platform.system()} {platform.machine()})"
         return False
-    if not applies():
-        _state["reason"] = f"not needed ({_cpu_flags()[0] or 'unknown vendor'} CPU without AVX-512 or not AMD)"
+    cpu = _cpu_flags()
+    if not applies(cpu):
+        _state["reason"] = f"not needed ({cpu[0] or 'unknown vendor'} CPU without AVX-512 or not AMD)"
         return False
     try:
         import torch

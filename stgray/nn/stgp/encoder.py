@@ -234,9 +234,9 @@ class EncoderLayer(nn.Module):
     the unfused attention path and two more CPU random draws per layer.
 
     The products run in the fused functions of :mod:`stgray.nn.stgp.kernels` (LayerNorm +
-    linear and GELU + linear keep their inputs only; attention under autograd keeps its
-    probabilities and takes the Graphormer bias's gradient, without autograd it is SDPA's
-    fused kernel), and the dropout scale is folded into the residual branch's output weights.
+    linear and GELU + linear keep their inputs only; attention under autograd and in bf16 is
+    :class:`~stgray.nn.stgp.kernels.BiasedAttention`, fp32 inference SDPA's fused kernel),
+    and the dropout scale is folded into the residual branch's output weights.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
@@ -260,27 +260,12 @@ class EncoderLayer(nn.Module):
         n1 = self.norm1
         qkv = LNLinear.apply(x, n1.weight.to(x.dtype), n1.bias.to(x.dtype), n1.eps,
                              self.qkv.weight.to(dt), self.qkv.bias.to(dt))
-        q, k, v = qkv.view(s, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        if torch.is_grad_enabled() and (qkv.requires_grad or (attn_mask is not None and attn_mask.requires_grad)):
-            # training: plain products keeping the probabilities (faster than SDPA's fused
-            # kernel at these sizes, forward + backward; bias gradient for the Graphormer bias)
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                    ~attn_mask, float("-inf"))
-            a = BiasedAttention.apply(qkv.view(s, n, 3, h, d // h), attn_mask)
-        elif q.dtype == torch.float32:
-            # inference: SDPA's fused CPU kernel
-            a = sdpa(q, k, v, attn_mask)
-        else:
-            if attn_mask is not None and attn_mask.dim() == 5:  # (G, 1, H, L, L): G groups of sets
-                g = attn_mask.shape[0]
-                q, k, v = (t.reshape(g, s // g, h, n, d // h) for t in (q, k, v))
-            scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            elif attn_mask is not None:
-                scores = scores + attn_mask.to(scores.dtype)
-            a = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(s, h, n, d // h)
+        qkv = qkv.view(s, n, 3, h, d // h)
+        if qkv.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+                qkv.requires_grad or (attn_mask is not None and attn_mask.requires_grad))):
+            a = sdpa(*qkv.permute(2, 0, 3, 1, 4), attn_mask)  # fp32 inference: SDPA's fused CPU kernel
+        else:  # training (faster than SDPA at these sizes, bias gradient), and bf16
+            a = BiasedAttention.apply(qkv, attn_mask)
         x = self._residual(x, Linear, self.proj, a.transpose(1, 2).reshape(s, n, d), dt)
         n2 = self.norm2
         u = LNLinear.apply(x, n2.weight.to(x.dtype), n2.bias.to(x.dtype), n2.eps,

@@ -220,8 +220,8 @@ class BiasedAttention(torch.autograd.Function):
     """``softmax(q k^T * scale + bias) v`` on the packed projection ``qkv`` (S, L, 3, H, dh)
     (q, k, v = qkv[:, :, i] as (S, H, L, dh)), with a bias gradient. Returns (S, H, L, dh).
 
-    ``bias``: None, or float, broadcastable to (S, H, L, L), or (G, 1, H, L, L): one bias per
-    group of S / G consecutive sets. q, k, v are kept head-major (the copies the products
+    ``bias``: None, or float or bool (True = attend), broadcastable to (S, H, L, L), or
+    (G, 1, H, L, L): one bias per group of S / G consecutive sets. q, k, v are kept head-major (the copies the products
     need anyway; the projection's output is then freed), and the backward pass writes the
     gradient straight into the projection's layout (no stack, no second copy). Up to
     ``KEEP_PROBS_BYTES`` of (S, H, L, L) probabilities are kept too: faster than SDPA's fused
@@ -236,6 +236,8 @@ class BiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, bias: Tensor | None) -> Tensor:
         q, k, v = (t.contiguous() for t in qkv.permute(2, 0, 3, 1, 4))  # (S, H, L, dh) each
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, float("-inf"))
         groups = bias.shape[0] if bias is not None and bias.dim() == 5 else 0
         keep = q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.element_size() <= BiasedAttention.KEEP_PROBS_BYTES
         with _NoAutocast(q):
