@@ -818,6 +818,12 @@ def r_stgp(name: str, res: dict, ctx: Ctx) -> list[str]:
     md += table(res.get("phases", []))
     if res.get("summary"):
         md += table([res["summary"]])
+    reps = {p["phase"]: p["repeats"] for p in res.get("phases", []) if len(p.get("repeats", [])) > 1}
+    if reps:
+        md += ["Each phase is its fastest of several runs spread over the benchmark (the machine is a shared "
+               "VM whose speed drifts); every run's median s/step: " +
+               "; ".join(f"{k} " + ", ".join(fmt(r["median_s_per_step"]) for r in v) for k, v in reps.items()) +
+               ". Peak memory: the largest of the runs.", ""]
     if ref:
         md += ["Reference figures (issue #4, the reference code on this kind of machine): " +
                ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ref.items()) + ".", ""]
