@@ -17,12 +17,13 @@ passes over memory it makes:
   ``g = sigmoid(gelu(t) Wt^T + bt + gelu(s) Ws^T)``, then dropout. Keeps the two
   pre-activations and g (gelu recomputed); autograd would keep six (N*B*P, C) tensors.
 
-fp32 products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``) when it is there:
-on this project's AMD EPYC CPUs it runs the forward and input-gradient products of the
-Transformer layers 10-70% faster than MKL's AVX2 sgemm. Weight gradients stay on MKL (faster
-there). With MKL's AVX-512 kernels enabled (:mod:`stgray.nn.mkl_dispatch`) the two paths
-are equally fast (pre-training step, interleaved A/B: within 3%). bf16 products go through
-oneDNN anyway (``F.linear``).
+fp32 products run on MKL, except on an AMD CPU with AVX-512 where MKL is stuck on its AVX2
+kernels (:mod:`stgray.nn.mkl_dispatch` off or failed): there the forward and input-gradient
+products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``), 10-70% faster than MKL's
+AVX2 sgemm on the Transformer layers' shapes. With MKL's AVX-512 kernels MKL is the faster of
+the two (fp32 pre-training step, in-process A/Bs: ratios 0.968, 0.975, 0.925 against
+oneDNN). Weight gradients always run on MKL. bf16 products go through oneDNN anyway
+(``F.linear``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def _probe_onednn() -> bool:
         return False
 
 
-_ONEDNN = _probe_onednn()
+def _mkl_on_avx2() -> bool:
+    """MKL runs its AVX2 kernels on a CPU that has AVX-512 (AMD, dispatch not enabled)."""
+    from stgray.nn import mkl_dispatch
+
+    return mkl_dispatch.applies() and not mkl_dispatch.status()["enabled"]
+
+
+_ONEDNN = _mkl_on_avx2() and _probe_onednn()
 
 
 def _use_onednn(t: Tensor) -> bool:

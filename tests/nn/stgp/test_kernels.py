@@ -13,6 +13,7 @@ from stgray.nn.stgp.decoder import GatedSTLayer
 from stgray.nn.stgp.encoder import EncoderLayer, FastDropout
 from stgray.nn.stgp.kernels import (BiasedAttention, DropoutAdd, GatedMix, GeluLinear, Linear, LNLinear, ReluMLP,
                                    mm_dw, softmax_)
+from stgray.nn.stgp import kernels as K
 from .test_model import ring_adj
 
 
@@ -33,7 +34,11 @@ def _same(fused, plain, inputs, rtol=1e-5, atol=1e-5):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-def test_linear_kernels_match_plain_ops():
+@pytest.mark.parametrize("onednn", [False, True])  # MKL's products / oneDNN's (MKL stuck on AVX2)
+def test_linear_kernels_match_plain_ops(onednn, monkeypatch):
+    if onednn and not K._probe_onednn():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(K, "_ONEDNN", onednn)
     x, lw, lb, w, b = _leaves((3, 7, 16), (16,), (16,), (24, 16), (24,))
     _same(LNLinear.apply(x, lw, lb, 1e-5, w, b), F.linear(F.layer_norm(x, (16,), lw, lb, 1e-5), w, b),
           [x, lw, lb, w, b])
