@@ -68,7 +68,7 @@ PLANS: dict[str, dict[str, tuple[list[str], float]]] = {
         "loo_smoke": (["-m", "bench.loo", "--mode", "smoke", *_q("loo_smoke")], 1.5),
     },
     "full": {
-        "stgp_speed": (["-m", "bench.stgp_speed"], 3.5),
+        "stgp_speed": (["-m", "bench.stgp_speed"], 7),  # 3 rounds of 6 phases
         "stgp_scaling": (["-m", "bench.stgp_scaling"], 8),
         "zoo_speed": (["bench/zoo_speed.py", "--mode", "quick"], 20),
         "token_pipeline": (["bench/token_pipeline.py"], 2.5),
