@@ -17,6 +17,7 @@ can be made writable; ``STGRAY_MKL_AVX512=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import platform
@@ -26,7 +27,9 @@ _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 _state: dict[str, object] = {"enabled": False, "reason": "not tried"}
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> tuple[str, frozenset[str]]:
+    """(vendor, flags) of the first CPU in /proc/cpuinfo, read once per process."""
     vendor, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -41,14 +44,19 @@ def _cpu_flags() -> tuple[str, set[str]]:
                     break
     except OSError:
         pass
-    return vendor, flags
+    return vendor, frozenset(flags)
 
 
-def applies(cpu: tuple[str, set[str]] | None = None) -> bool:
-    """True on AMD CPUs with AVX-512 (where MKL would otherwise run its AVX2 kernels);
-    ``cpu``: (vendor, flags) when already read."""
-    vendor, flags = cpu or _cpu_flags()
+def applies() -> bool:
+    """True on AMD CPUs with AVX-512 (where MKL would otherwise run its AVX2 kernels)."""
+    vendor, flags = _cpu_flags()
     return vendor == "AuthenticAMD" and "avx512f" in flags
+
+
+def stuck_on_avx2() -> bool:
+    """True where MKL runs its AVX2 kernels on a CPU that has AVX-512 (AMD, and :func:`enable`
+    off, not run yet or failed)."""
+    return applies() and not _state["enabled"]
 
 
 def _patch(addr: int) -> None:
@@ -73,9 +81,8 @@ def enable() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _state["reason"] = f"not x86-64 Linux ({platform.system()} {platform.machine()})"
         return False
-    cpu = _cpu_flags()
-    if not applies(cpu):
-        _state["reason"] = f"not needed ({cpu[0] or 'unknown vendor'} CPU without AVX-512 or not AMD)"
+    if not applies():
+        _state["reason"] = f"not needed ({_cpu_flags()[0] or 'unknown vendor'} CPU without AVX-512 or not AMD)"
         return False
     try:
         import torch

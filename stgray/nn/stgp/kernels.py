@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stgray.nn import mkl_dispatch
+
 
 def _probe_onednn() -> bool:
     try:
@@ -43,14 +45,7 @@ def _probe_onednn() -> bool:
         return False
 
 
-def _mkl_on_avx2() -> bool:
-    """MKL runs its AVX2 kernels on a CPU that has AVX-512 (AMD, dispatch not enabled)."""
-    from stgray.nn import mkl_dispatch
-
-    return mkl_dispatch.applies() and not mkl_dispatch.status()["enabled"]
-
-
-_ONEDNN = _mkl_on_avx2() and _probe_onednn()
+_ONEDNN = mkl_dispatch.stuck_on_avx2() and _probe_onednn()
 
 
 def _use_onednn(t: Tensor) -> bool:
@@ -229,9 +224,10 @@ class BiasedAttention(torch.autograd.Function):
     (q, k, v = qkv[:, :, i] as (S, H, L, dh)), with a bias gradient. Returns (S, H, L, dh).
 
     ``bias``: None, or float or bool (True = attend), broadcastable to (S, H, L, L), or
-    (G, 1, H, L, L): one bias per group of S / G consecutive sets. q, k, v are kept head-major (the copies the products
-    need anyway; the projection's output is then freed), and the backward pass writes the
-    gradient straight into the projection's layout (no stack, no second copy). Up to
+    (G, 1, H, L, L): one bias per group of S / G consecutive sets. q, k, v are kept
+    head-major (the copies the products need anyway; the projection's output is then freed),
+    and the backward pass writes the gradient straight into the projection's layout (no
+    stack, no second copy). Up to
     ``KEEP_PROBS_BYTES`` of (S, H, L, L) probabilities are kept too: faster than SDPA's fused
     kernel, which keeps its output and recomputes them (fp32 fwd + bwd, in-process A/B at the
     reference sizes: temporal sets (824, 4, 13, 32) 15.1 vs 19.2 ms, keeping 2.2 MB instead
