@@ -181,10 +181,9 @@ def _pretrain_loop(c: dict[str, Any]) -> None:
         core.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start_epoch, best_val, best_state, history = st["epoch"] + 1, st["best_val"], st["best_state"], st["history"]
-    # Every trainable parameter gets a gradient at every step (a pre-training mask always leaves
-    # a cell visible): no search for unused ones, an extra pass over the autograd graph
-    model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if world > 1 else core
+    # DDP's defaults: no search for unused parameters (a pass over the autograd graph per step);
+    # every parameter gets a gradient at every step, since a pre-training mask leaves a cell visible
+    model = ray.train.torch.prepare_model(core) if world > 1 else core
     nodes = _gathered(ray.get_runtime_context().get_node_id(), world)
     train_starts = [tmpl.window_starts(p, "train", "pretrain") for p in cities]
     val_sets = []
