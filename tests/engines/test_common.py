@@ -9,7 +9,8 @@ import pytest
 
 from stgray.engines.common import JEMALLOC_CONF, TRAINING_SPINCOUNT, jemalloc_path, training_env
 
-# a few STGP pre-training steps at the reference width; prints page faults per step
+# STGP pre-training steps at the reference width; prints page faults per step once the first two
+# steps have grown the heap to its peak (later steps can then reuse freed pages instead of faulting)
 _STEPS = """
 import resource, sys, torch
 from stgray.engines.common import allocator, keep_freed_memory
@@ -27,11 +28,11 @@ gen, tmpl = torch.Generator().manual_seed(0), PatchTemplate(patch_len=L, num_pat
 def step():
     mask = tmpl.pretrain_mask(B, N, 0.5, 0.5, gen)
     masked_mae(m(x, tod, dow, g, mask), x, mask).backward()
-step()
+step(), step()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(5):
     step()
-print(ok, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 3, allocator())
+print(ok, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 5, allocator())
 """
 
 
@@ -45,7 +46,7 @@ def test_keep_freed_memory_cuts_page_faults_of_training_steps():
     ok, kept = faults("keep")
     _, default = faults("default")
     assert ok == "True"
-    assert kept < default / 2, (kept, default)  # measured: ~7k vs ~27k faults per step
+    assert kept < default / 4, (kept, default)  # measured: 600-1300 vs 14k-20k faults per step
 
 
 @pytest.mark.skipif(jemalloc_path() is None, reason="no jemalloc bundled with ray here")
@@ -64,7 +65,7 @@ def test_training_env_preloads_jemalloc_that_keeps_freed_pages(monkeypatch):
     with_jemalloc, alloc = run(env)
     default, system = run({})
     assert (alloc, system) == ("jemalloc", "system")
-    assert with_jemalloc < default / 2, (with_jemalloc, default)  # freed pages are reused, not faulted again
+    assert with_jemalloc < default / 4, (with_jemalloc, default)  # freed pages are reused, not faulted again
     monkeypatch.setenv("STGRAY_JEMALLOC", "0")
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
     assert training_env() == {"GOMP_SPINCOUNT": "7"}
