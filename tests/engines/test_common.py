@@ -36,15 +36,19 @@ print(ok, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 5, alloca
 """
 
 
+def _steps(mode: str, env: dict | None = None) -> tuple[str, int, str]:
+    """Runs _STEPS in a fresh interpreter ("keep" or "default" malloc settings, ``env`` added to
+    this process's); (keep_freed_memory's result, page faults per step, allocator)."""
+    out = subprocess.run([sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    ok, n, alloc = out.stdout.split()
+    return ok, int(n), alloc
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_keep_freed_memory_cuts_page_faults_of_training_steps():
-    def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True)
-        ok, n, _ = out.stdout.split()
-        return ok, int(n)
-
-    ok, kept = faults("keep")
-    _, default = faults("default")
+    ok, kept, _ = _steps("keep")
+    _, default, _ = _steps("default")
     assert ok == "True"
     assert kept < default / 4, (kept, default)  # measured: 600-1300 vs 14k-20k faults per step
 
@@ -56,14 +60,8 @@ def test_training_env_preloads_jemalloc_that_keeps_freed_pages(monkeypatch):
     env = training_env()
     assert env["GOMP_SPINCOUNT"] == TRAINING_SPINCOUNT and env["MALLOC_CONF"] == JEMALLOC_CONF
 
-    def run(extra: dict) -> tuple[int, str]:
-        out = subprocess.run([sys.executable, "-c", _STEPS, "default"], capture_output=True, text=True, check=True,
-                             env={**os.environ, **extra})
-        _, n, alloc = out.stdout.split()
-        return int(n), alloc
-
-    with_jemalloc, alloc = run(env)
-    default, system = run({})
+    _, with_jemalloc, alloc = _steps("default", env)
+    _, default, system = _steps("default")
     assert (alloc, system) == ("jemalloc", "system")
     assert with_jemalloc < default / 4, (with_jemalloc, default)  # freed pages are reused, not faulted again
     monkeypatch.setenv("STGRAY_JEMALLOC", "0")

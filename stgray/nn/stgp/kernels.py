@@ -231,8 +231,9 @@ class BiasedAttention(torch.autograd.Function):
     kept too: faster than SDPA's fused kernel, which keeps its output and recomputes them
     (fp32 fwd + bwd, in-process A/B at the reference sizes: temporal sets (824, 4, 13, 32)
     15.1 vs 19.2 ms, keeping 2.2 MB instead of 5.5; spatial sets (104, 4, 103, 32) with a
-    grouped bias 20.5 vs 28.2 ms, keeping 17.6 MB). Larger ones (big graphs) are recomputed in the backward pass, their forward
-    in SDPA's fused kernel in fp32 (once per group with a 5-D bias)."""
+    grouped bias 20.5 vs 28.2 ms, keeping 17.6 MB). Larger ones (big graphs) are recomputed
+    in the backward pass, their forward in SDPA's fused kernel in fp32 (once per group with a
+    5-D bias)."""
 
     KEEP_PROBS_BYTES = 64 << 20
 
